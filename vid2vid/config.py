@@ -1,0 +1,333 @@
+"""The one typed configuration of the platform.
+
+A run is described by :class:`Config` (model, data, train, eval sections). Presets are YAML files
+under ``experiments/configs/``; ``key=value`` overrides on the command line address fields by dotted
+path (``model.ngf=64``, ``train.lr=1e-4``). Unknown keys and wrong types are errors that name the key
+and list the valid ones, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+# Cityscapes labelIds treated as foreground (person, rider, car, truck, bus, train, motorcycle,
+# bicycle). The reference code defaults to car (26) only.
+CITYSCAPES_FOREGROUND_IDS = (24, 25, 26, 27, 28, 31, 32, 33)
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # --- input / output ---------------------------------------------------------------------
+    label_nc: int = 35  # one-hot label channels; 0 means the input is a dense map of input_nc channels
+    input_nc: int = 0  # dense input channels (edges: 1, pose: 6) when label_nc == 0
+    use_instance: bool = True  # append an instance-boundary channel to each label frame
+    output_nc: int = 3
+    n_frames_G: int = 3  # L + 1 label frames; L = n_frames_G - 1 previous frames
+    # --- generator ---------------------------------------------------------------------------
+    ngf: int = 128
+    n_downsample_G: int = 3
+    n_blocks: int = 9  # global generator: n_blocks - n_blocks//2 encoder + n_blocks//2 per branch
+    n_blocks_local: int = 3
+    n_scales_spatial: int = 1  # 1..3 coarse-to-fine scales
+    norm: Literal["instance", "batch", "none"] = "instance"
+    flow_multiplier: float = 20.0  # flow head output x 20 * 2**scale, in pixels
+    # --- ablation switches: off means the component is not built at all --------------------
+    fg_bg_prior: bool = True
+    video_discriminator: bool = True
+    flow_warping: bool = True
+    fg_labels: list[int] = field(default_factory=lambda: list(CITYSCAPES_FOREGROUND_IDS))
+    # --- multimodal feature encoder E ---------------------------------------------------------
+    use_features: bool = False
+    feat_num: int = 3
+    nef: int = 32
+    n_downsample_E: int = 3
+    # --- discriminators -----------------------------------------------------------------------
+    ndf: int = 64
+    n_layers_D: int = 3
+    num_D: int = 2
+    spectral_norm: bool = False
+    n_frames_D: int = 3  # K frames seen by D_V
+    n_scales_temporal: int = 2  # D_V at frame steps K**0, K**1, ...
+    # --- losses (defaults: the reference values) ---------------------------------------------
+    gan_mode: Literal["ls", "hinge"] = "ls"
+    lambda_feat: float = 10.0  # discriminator feature matching
+    lambda_vgg: float = 10.0  # VGG19 perceptual
+    lambda_F: float = 10.0  # flow endpoint + flow warp (eq. 8)
+    lambda_T: float = 10.0  # generated-frame warp loss
+    lambda_mask: float = 0.0  # mask regulariser (pushes the mask towards the warped image)
+    vgg_weights: Optional[str] = None  # path to torchvision VGG19 weights; None = VGG loss off
+
+    @property
+    def prev_frames(self) -> int:
+        return self.n_frames_G - 1
+
+    @property
+    def label_channels(self) -> int:
+        """Channels of one source frame as fed to G (one-hot or dense, plus instance edges)."""
+        base = self.label_nc if self.label_nc > 0 else self.input_nc
+        return base + (1 if self.use_instance else 0)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | vid2vid folder root | cityscapes raw root | video file/dir
+    source_kind: Literal["auto", "synthetic", "vid2vid", "cityscapes", "video"] = "auto"
+    split: str = "train"
+    out: str = "runs/shards/synthetic"
+    resolution: str = "128x64"  # WxH
+    label_nc: int = 35
+    clip_len: int = 8
+    clip_stride: int = 0  # 0 = clip_len (non-overlapping)
+    flow: Literal["dis", "raft"] = "dis"
+    raft_weights: Optional[str] = None
+    overwrite: bool = False
+    rows_per_shard: int = 16
+    # synthetic scenes
+    synthetic_sequences: int = 4
+    synthetic_frames: int = 12
+    seed: int = 0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) parsed from ``resolution``."""
+        return parse_resolution(self.resolution)
+
+
+@dataclass
+class TrainConfig:
+    niter: int = 10  # epochs at the initial learning rate
+    niter_decay: int = 10  # epochs of linear decay to 0
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    batch_size: int = 1
+    n_frames_total: int = 6  # initial clip length fed to G (frames generated per step)
+    max_frames_total: int = 28  # cap of the temporally progressive schedule
+    niter_step: int = 5  # clip length doubles every niter_step epochs
+    niter_fix_global: int = 0  # epochs during which coarser spatial scales are frozen
+    max_steps: int = 0  # > 0 stops after this many steps (smoke runs)
+    num_workers: int = 1
+    use_gpu: bool = False
+    gpus_per_worker: int = 1
+    placement: Literal["colocated", "split"] = "colocated"
+    zero_stage: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    grad_clip: float = 1.0
+    checkpoint_every: int = 0  # steps; 0 = once per epoch
+    max_failures: int = 0
+    seed: int = 0
+    run_dir: str = "runs"
+    experiment: str = "vid2vid"
+    tracking_uri: Optional[str] = None  # default: sqlite under run_dir; MLFLOW_TRACKING_URI wins
+    warm_start: Optional[str] = None  # checkpoint of a lower-resolution run
+    sample_every: int = 0  # steps between sample videos; 0 = at the end only
+
+
+@dataclass
+class EvalConfig:
+    i3d_weights: Optional[str] = None
+    resnext_weights: Optional[str] = None
+    num_clips: int = 8
+    clip_len: int = 16
+    batch_size: int = 4
+    allow_random_weights: bool = False  # test-only: metrics are tagged as not comparable
+    during_training: bool = False
+
+
+@dataclass
+class Config:
+    name: str = "vid2vid"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"resolution: expected WIDTHxHEIGHT such as 512x256, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise ConfigError(f"resolution: width and height must be positive, got {text!r}")
+    return w, h
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp in (float, str) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj: Any, key_path: str, value: Any, prefix: str = "") -> None:
+    head, _, rest = key_path.partition(".")
+    hints = _hints(type(obj))
+    full = f"{prefix}{head}"
+    if head not in hints:
+        valid = ", ".join(f"{prefix}{k}" for k in hints)
+        raise ConfigError(f"unknown key {full!r}; valid keys: {valid}")
+    tp = hints[head]
+    if dataclasses.is_dataclass(tp):
+        if rest:
+            _apply(getattr(obj, head), rest, value, prefix=f"{full}.")
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{full}: expected a mapping of its keys, got {value!r}")
+        for k, v in value.items():
+            _apply(getattr(obj, head), str(k), v, prefix=f"{full}.")
+        return
+    if rest:
+        raise ConfigError(f"{full} is a value, not a section; cannot set {full}.{rest}")
+    setattr(obj, head, _coerce(full, value, tp))
+
+
+def apply_mapping(cfg: Any, mapping: dict[str, Any]) -> Any:
+    """Apply a (possibly nested) mapping to a config dataclass in place and return it."""
+    for key, value in mapping.items():
+        _apply(cfg, str(key), value)
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["model.ngf=64", "train.lr=1e-4"]`` -> ``{"model.ngf": 64, "train.lr": 0.0001}``."""
+    out: dict[str, Any] = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"override {arg!r} is not of the form key=value")
+        key, text = arg.split("=", 1)
+        value = yaml.safe_load(text) if text else ""
+        # YAML reads "1e-4" as a string; a number-looking string becomes a float.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else value
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"preset {name_or_path!r}: no file {path}; available presets: {available}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base:
+        merged = load_preset(base)
+        _deep_update(merged, data)
+        return merged
+    return data
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def load_config(args: list[str] | None = None, cls: type = Config) -> Any:
+    """Build a config from ``preset=NAME`` (optional) and ``key=value`` overrides, in that order."""
+    overrides = parse_overrides(args or [])
+    cfg = cls()
+    preset = overrides.pop("preset", None)
+    if preset is not None:
+        apply_mapping(cfg, load_preset(str(preset)))
+    return apply_mapping(cfg, overrides)
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field checks that a type annotation cannot express."""
+    model = cfg.model if isinstance(cfg, Config) else cfg if isinstance(cfg, ModelConfig) else None
+    if model is not None:
+        if not 1 <= model.n_scales_spatial <= 3:
+            raise ConfigError(f"model.n_scales_spatial: must be 1, 2 or 3, got {model.n_scales_spatial}")
+        if model.n_frames_G < 2:
+            raise ConfigError("model.n_frames_G: must be >= 2 (at least one previous frame)")
+        if model.label_nc == 0 and model.input_nc == 0:
+            raise ConfigError("model.input_nc: must be > 0 when model.label_nc is 0 (dense input)")
+        if model.fg_bg_prior and model.label_nc == 0:
+            raise ConfigError("model.fg_bg_prior: needs semantic labels (model.label_nc > 0)")
+        if model.n_frames_D < 2:
+            raise ConfigError("model.n_frames_D: D_V needs at least 2 frames")
+    if isinstance(cfg, (Config, DataConfig)):
+        data = cfg.data if isinstance(cfg, Config) else cfg
+        parse_resolution(data.resolution)
+        if data.clip_len < 1:
+            raise ConfigError("data.clip_len: must be >= 1")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """Flat ``section.key -> value`` view, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return out
