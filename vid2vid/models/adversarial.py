@@ -1,0 +1,105 @@
+"""The discriminator side (D_I and the D_V family) and what it judges.
+
+The discriminators are evaluated in ONE forward per step (real, fake and raw frames concatenated along
+the batch): that is faster, and it is what DeepSpeed ZeRO-2 requires (a module forwarded twice before
+one backward trips its gradient reduction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vid2vid.config import ModelConfig
+from vid2vid.datasets.sampling import sample_image_indices, sample_video_window, video_window_flows
+from vid2vid.models.discriminators import DiscriminatorOutput, ImageDiscriminator, VideoDiscriminator
+from vid2vid.models.vid2vid import SequenceOutput
+
+
+@dataclass
+class AdversarialInputs:
+    """Everything the discriminator side needs for one step, frames at full clip length."""
+
+    sources: Tensor  # (N, T, C, H, W) encoded source frames (D_I is conditioned on them)
+    real: Tensor  # (N, T, 3, H, W)
+    fake: Tensor  # (N, T, 3, H, W)
+    fake_raw: Tensor | None  # hallucinated frames, judged by D_I too when flow warping is on
+    real_flows: Tensor  # (N, T, 2, H, W) backward flows of the real frames (D_V condition)
+    image_indices: list[int]  # phi_I draws
+    video_windows: list[list[int] | None]  # phi_V draw per temporal scale (None: clip too short)
+
+    def detached(self) -> AdversarialInputs:
+        raw = None if self.fake_raw is None else self.fake_raw.detach()
+        return AdversarialInputs(self.sources, self.real, self.fake.detach(), raw, self.real_flows,
+                                 self.image_indices, self.video_windows)
+
+
+@dataclass
+class Judgement:
+    """Discriminator outputs for real and fake inputs."""
+
+    image_real: DiscriminatorOutput
+    image_fake: DiscriminatorOutput
+    image_raw_fake: DiscriminatorOutput | None
+    video_real: list[DiscriminatorOutput | None]
+    video_fake: list[DiscriminatorOutput | None]
+
+
+def draw_adversarial_inputs(cfg: ModelConfig, sources: Tensor, real: Tensor, real_flows: Tensor,
+                            seq: SequenceOutput, generator: torch.Generator,
+                            image_frames: int = 1) -> AdversarialInputs:
+    """Apply phi_I and phi_V to the clip with an explicit RNG (reproducible across ranks)."""
+    T = seq.frames.shape[1]
+    indices = sample_image_indices(T, image_frames, generator)
+    windows: list[list[int] | None] = []
+    if cfg.video_discriminator:
+        for s in range(cfg.n_scales_temporal):
+            windows.append(sample_video_window(T, cfg.n_frames_D, cfg.n_frames_D**s, generator))
+    raw = seq.hallucinated if cfg.flow_warping else None
+    return AdversarialInputs(sources[:, :T], real[:, :T], seq.frames, raw, real_flows[:, :T], indices, windows)
+
+
+def _split(out: DiscriminatorOutput, parts: int) -> list[DiscriminatorOutput]:
+    chunks = [[[f.chunk(parts, dim=0)[i] for f in scale] for scale in out.features] for i in range(parts)]
+    return [DiscriminatorOutput(features=c) for c in chunks]
+
+
+def judge(d: DiscriminatorSide, adv: AdversarialInputs) -> Judgement:
+    """One forward of every discriminator on real and fake inputs (batch-concatenated)."""
+    idx = adv.image_indices
+    sources = adv.sources[:, idx].flatten(0, 1)
+    images = [adv.real[:, idx].flatten(0, 1), adv.fake[:, idx].flatten(0, 1)]
+    if adv.fake_raw is not None:
+        images.append(adv.fake_raw[:, idx].flatten(0, 1))
+    out = d.image(sources.repeat(len(images), 1, 1, 1), torch.cat(images))
+    image_parts = _split(out, len(images))
+
+    video_real: list[DiscriminatorOutput | None] = []
+    video_fake: list[DiscriminatorOutput | None] = []
+    for s, window in enumerate(adv.video_windows):
+        if window is None or d.video is None:
+            video_real.append(None)
+            video_fake.append(None)
+            continue
+        flows = video_window_flows(adv.real_flows, window)
+        frames = torch.cat([adv.real[:, window], adv.fake[:, window]])
+        real_out, fake_out = _split(d.video(frames, flows.repeat(2, 1, 1, 1, 1), s), 2)
+        video_real.append(real_out)
+        video_fake.append(fake_out)
+    raw = image_parts[2] if len(image_parts) == 3 else None
+    return Judgement(image_parts[0], image_parts[1], raw, video_real, video_fake)
+
+
+class DiscriminatorSide(nn.Module):
+    """D_I, and D_V over ``n_scales_temporal`` frame rates unless the video discriminator is ablated."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image = ImageDiscriminator(cfg)
+        self.video = VideoDiscriminator(cfg) if cfg.video_discriminator else None
+
+    def forward(self, adv: AdversarialInputs) -> Judgement:
+        return judge(self, adv)
