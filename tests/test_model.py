@@ -9,10 +9,11 @@ import torch
 
 from vid2vid.config import ModelConfig
 from vid2vid.datasets.sampling import compose_backward_flows, sample_video_window, video_window_flows
+from vid2vid.datasets.shards import Clip
 from vid2vid.models.adversarial import DiscriminatorSide, judge
 from vid2vid.models.objective import Objective
 from vid2vid.models.vid2vid import GeneratorSide, count_parameters, generate_sequence, prepare_inputs
-from vid2vid.platform.step import ClipTensors, PlainEngine, adversarial_inputs, colocated_step
+from vid2vid.platform.step import PlainEngine, adversarial_inputs, colocated_step
 
 H, W, T, N = 32, 64, 5, 1
 
@@ -24,7 +25,7 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def make_clip(seed: int = 0, t: int = T) -> ClipTensors:
+def make_clip(seed: int = 0, t: int = T) -> Clip:
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 35, (N, t, H, W), generator=g)
     labels[:, :, 8:16, 8:24] = 26  # a car, so the foreground prior has pixels to work on
@@ -37,7 +38,7 @@ def make_clip(seed: int = 0, t: int = T) -> ClipTensors:
     flow[:, 0] = 0
     conf = torch.ones(N, t, 1, H, W)
     conf[:, 0] = 0
-    return ClipTensors(labels, edges, instances, frames, flow, conf)
+    return Clip(labels, edges, instances, frames, flow, conf)
 
 
 def engines(cfg: ModelConfig, seed: int = 0):

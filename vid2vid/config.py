@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -68,7 +68,7 @@ class ModelConfig:
     lambda_F: float = 10.0  # flow endpoint + flow warp (eq. 8)
     lambda_T: float = 10.0  # generated-frame warp loss
     lambda_mask: float = 0.0  # mask regulariser (pushes the mask towards the warped image)
-    vgg_weights: Optional[str] = None  # path to torchvision VGG19 weights; None = VGG loss off
+    vgg_weights: str | None = None  # path to torchvision VGG19 weights; None = VGG loss off
 
     @property
     def prev_frames(self) -> int:
@@ -92,9 +92,17 @@ class DataConfig:
     clip_len: int = 8
     clip_stride: int = 0  # 0 = clip_len (non-overlapping)
     flow: Literal["dis", "raft"] = "dis"
-    raft_weights: Optional[str] = None
+    raft_weights: str | None = None
     overwrite: bool = False
-    rows_per_shard: int = 16
+    rows_per_shard: int = 16  # clips per Parquet shard (at most; see shard_mb)
+    shard_mb: int = 256  # cap on a shard's uncompressed size: long videos are cut into several shards
+    flow_actors: int = 0  # Ray Data actors estimating flow; 0 = one per Ray CPU
+    canny_low: int = 100  # Canny thresholds of the edge->video source
+    canny_high: int = 200
+    # raw Cityscapes layout: folder (beside leftImg8bit_sequence) with one *labelIds.png per frame, and
+    # the folder with *instanceIds.png ("" = the label folder; instances are optional)
+    cityscapes_label_dir: str = "gtFine_sequence"
+    cityscapes_instance_dir: str = ""
     # synthetic scenes
     synthetic_sequences: int = 4
     synthetic_frames: int = 12
@@ -122,6 +130,9 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     gpus_per_worker: int = 1
+    # CPUs a CPU-only worker reserves. Below 1 on a small machine leaves Ray Data CPUs to stream
+    # clips; with every CPU held by a train worker, ingest would wait forever.
+    cpus_per_worker: float = 1.0
     placement: Literal["colocated", "split"] = "colocated"
     zero_stage: int = 1
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -131,20 +142,24 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = "runs"
     experiment: str = "vid2vid"
-    tracking_uri: Optional[str] = None  # default: sqlite under run_dir; MLFLOW_TRACKING_URI wins
-    warm_start: Optional[str] = None  # checkpoint of a lower-resolution run
+    tracking_uri: str | None = None  # default: sqlite under run_dir; MLFLOW_TRACKING_URI wins
+    warm_start: str | None = None  # checkpoint of a lower-resolution run
     sample_every: int = 0  # steps between sample videos; 0 = at the end only
+    run_name: str | None = None  # default <name>-<timestamp>; an existing run's name resumes it
 
 
 @dataclass
 class EvalConfig:
-    i3d_weights: Optional[str] = None
-    resnext_weights: Optional[str] = None
+    i3d_weights: str | None = None
+    resnext_weights: str | None = None
     num_clips: int = 8
     clip_len: int = 16
     batch_size: int = 4
     allow_random_weights: bool = False  # test-only: metrics are tagged as not comparable
     during_training: bool = False
+    # Real-data feature statistics, one .npz per (dataset, split, resolution, net, weights sha256);
+    # None = <train.run_dir>/eval_stats.
+    stats_cache_dir: str | None = None
 
 
 @dataclass

@@ -8,7 +8,6 @@ same code.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,9 +15,11 @@ import torch
 from torch import nn
 
 from vid2vid.config import ModelConfig
+from vid2vid.datasets.shards import Clip
 from vid2vid.models.adversarial import AdversarialInputs, draw_adversarial_inputs
 from vid2vid.models.objective import LossTerms, Objective
 from vid2vid.models.vid2vid import ClipInputs, SequenceOutput, generate_sequence, prepare_inputs
+from vid2vid.platform.engines import frozen
 
 
 class Engine(Protocol):
@@ -50,31 +51,6 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Temporarily stop gradients into ``module``'s parameters (restoring each flag afterwards)."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@dataclass
-class ClipTensors:
-    """The tensors of a batch of clips the step needs (see ``vid2vid.datasets.shards.Clip``)."""
-
-    labels: torch.Tensor  # (N, T, H, W) long ids, or (N, T, C, H, W) float dense maps
-    instance_edges: torch.Tensor | None  # (N, T, H, W)
-    instances: torch.Tensor | None  # (N, T, H, W) long
-    frames: torch.Tensor  # (N, T, 3, H, W) in [-1, 1]
-    flow: torch.Tensor  # (N, T, 2, H, W) backward flow
-    confidence: torch.Tensor  # (N, T, 1, H, W)
-
-
 @dataclass
 class StepResult:
     generator: LossTerms
@@ -83,7 +59,7 @@ class StepResult:
     sequence: SequenceOutput
 
 
-def generate_for_training(g: Engine, cfg: ModelConfig, clip: ClipTensors, num_frames: int) -> SequenceOutput:
+def generate_for_training(g: Engine, cfg: ModelConfig, clip: Clip, num_frames: int) -> SequenceOutput:
     features = None
     if cfg.use_features:
         features = g.module.encode_features(clip.frames[:, :num_frames], clip.instances[:, :num_frames])
@@ -93,7 +69,7 @@ def generate_for_training(g: Engine, cfg: ModelConfig, clip: ClipTensors, num_fr
     return generate_sequence(g, cfg, inputs, num_frames)
 
 
-def adversarial_inputs(cfg: ModelConfig, clip: ClipTensors, seq: SequenceOutput,
+def adversarial_inputs(cfg: ModelConfig, clip: Clip, seq: SequenceOutput,
                        rng: torch.Generator, image_frames: int = 1) -> AdversarialInputs:
     T = seq.frames.shape[1]
     edges = None if clip.instance_edges is None else clip.instance_edges[:, :T]
@@ -101,7 +77,7 @@ def adversarial_inputs(cfg: ModelConfig, clip: ClipTensors, seq: SequenceOutput,
     return draw_adversarial_inputs(cfg, sources, clip.frames, clip.flow, seq, rng, image_frames)
 
 
-def colocated_step(g: Engine, d: Engine, objective: Objective, cfg: ModelConfig, clip: ClipTensors,
+def colocated_step(g: Engine, d: Engine, objective: Objective, cfg: ModelConfig, clip: Clip,
                    num_frames: int, rng: torch.Generator, image_frames: int = 1) -> StepResult:
     """G step then D step with both sides on this rank.
 

@@ -1,0 +1,220 @@
+"""Bad input: each case is rejected with its file (and frame) and reason; valid input is still prepared."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vid2vid.config import DataConfig
+from vid2vid.datasets.labels import BadInput
+from vid2vid.datasets.prepare import PrepareError, plan, prepare
+from vid2vid.datasets.sources import Vid2VidFolders, VideoFiles
+from vid2vid.datasets.synthetic import make_sequence
+
+W, H = 64, 32
+
+
+def write_seq(root: Path, name: str, n: int = 4, seed: int = 0, split: str = "train") -> list[Path]:
+    """A small vid2vid-layout sequence (PNG labels and instances, JPEG frames); returns its stems."""
+    seq = make_sequence(n, W, H, seed)
+    stems = []
+    for t in range(n):
+        stem = f"{name}_{t:06d}"
+        for sub, arr, ext in (("A", seq.labels[t], "png"), ("B", seq.frames[t], "jpg"),
+                              ("inst", seq.instances[t], "png")):
+            d = root / f"{split}_{sub}" / name
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(d / f"{stem}.{ext}", quality=95)
+        stems.append(root / "train_A" / name / f"{stem}.png")
+    return stems
+
+
+def cfg_for(root: Path, **kw) -> DataConfig:
+    return DataConfig(source=str(root), resolution=f"{W}x{H}", clip_len=3, **kw)
+
+
+def read_all(cfg: DataConfig):
+    """List, then read every listed sequence; returns (listing rejects, read errors, good names)."""
+    src = Vid2VidFolders(cfg)
+    listing = src.list()
+    errors, good = [], []
+    for spec in listing.sequences:
+        try:
+            src.read(spec, 0, spec.num_frames)
+            good.append(spec.name)
+        except BadInput as err:
+            errors.append(err)
+    return listing.rejects, errors, good
+
+
+def frame_path(root: Path, name: str, t: int, sub: str = "B") -> Path:
+    return root / f"train_{sub}" / name / f"{name}_{t:06d}.{'jpg' if sub == 'B' else 'png'}"
+
+
+# ------------------------------------------------------------------------------------------------
+# one case at a time, at the source level (no Ray)
+
+
+def test_corrupt_png_label(tmp_path):
+    write_seq(tmp_path, "good")
+    write_seq(tmp_path, "bad", seed=1)
+    p = frame_path(tmp_path, "bad", 2, "A")
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])  # truncated: header fine, data cut
+    _, errors, good = read_all(cfg_for(tmp_path))
+    assert good == ["good"]
+    assert errors[0].path == str(p) and errors[0].frame == 2 and "cannot decode image" in errors[0].reason
+
+
+def test_corrupt_jpeg_frame(tmp_path):
+    write_seq(tmp_path, "good")
+    write_seq(tmp_path, "bad", seed=1)
+    p = frame_path(tmp_path, "bad", 1)
+    p.write_bytes(os.urandom(600))
+    _, errors, good = read_all(cfg_for(tmp_path))
+    assert good == ["good"]
+    assert errors[0].path == str(p) and errors[0].frame == 1 and "cannot decode image" in errors[0].reason
+
+
+def test_label_frame_count_mismatch(tmp_path):
+    write_seq(tmp_path, "good")
+    write_seq(tmp_path, "bad", seed=1)
+    frame_path(tmp_path, "bad", 3).unlink()
+    rejects, _, good = read_all(cfg_for(tmp_path))
+    assert good == ["good"]
+    assert rejects[0].path == str(tmp_path / "train_B" / "bad")
+    assert "count mismatch: 4 label maps" in rejects[0].reason and "but 3 frames" in rejects[0].reason
+
+
+def test_label_id_out_of_range(tmp_path):
+    write_seq(tmp_path, "good")
+    write_seq(tmp_path, "bad", seed=1)
+    p = frame_path(tmp_path, "bad", 2, "A")
+    lab = np.asarray(Image.open(p)).copy()
+    lab[5, 5] = 40
+    Image.fromarray(lab).save(p)
+    _, errors, good = read_all(cfg_for(tmp_path))
+    assert good == ["good"]
+    assert errors[0].path == str(p) and errors[0].frame == 2
+    assert "label id 40 >= label_nc 35" in errors[0].reason
+    _, errors, good = read_all(cfg_for(tmp_path, label_nc=41))  # a larger label count accepts it
+    assert errors == [] and sorted(good) == ["bad", "good"]
+
+
+def test_sequence_shorter_than_a_clip(tmp_path):
+    write_seq(tmp_path, "good", n=4)
+    write_seq(tmp_path, "short", n=2, seed=1)
+    cfg = cfg_for(tmp_path)
+    tasks, rejects = plan(Vid2VidFolders(cfg).list().sequences, cfg)
+    assert {t.spec.name for t in tasks} == {"good"}
+    assert rejects[0].path == str(tmp_path / "train_A" / "short")
+    assert rejects[0].reason == "sequence shorter than a clip: 2 frames < clip_len 3"
+
+
+def test_frame_size_changes_inside_a_sequence(tmp_path):
+    write_seq(tmp_path, "good")
+    write_seq(tmp_path, "bad", seed=1)
+    p = frame_path(tmp_path, "bad", 3)
+    Image.open(p).resize((80, 40)).save(p)
+    _, errors, good = read_all(cfg_for(tmp_path))
+    assert good == ["good"]
+    assert errors[0].path == str(p) and errors[0].frame == 3
+    assert "frame size changed inside the sequence: 80x40" in errors[0].reason
+
+
+def test_empty_folder(tmp_path):
+    write_seq(tmp_path, "good")
+    (tmp_path / "train_A" / "empty").mkdir()
+    rejects, _, good = read_all(cfg_for(tmp_path))
+    assert good == ["good"]
+    assert rejects[0].path == str(tmp_path / "train_A" / "empty")
+    assert rejects[0].reason.startswith("empty folder")
+
+
+def test_unreadable_paths(tmp_path):
+    write_seq(tmp_path, "good")
+    write_seq(tmp_path, "bad", seed=1)
+    (tmp_path / "train_A" / "dangling").symlink_to(tmp_path / "missing_dir")
+    p = frame_path(tmp_path, "bad", 0)
+    p.unlink()
+    p.symlink_to(tmp_path / "missing.jpg")
+    rejects, errors, good = read_all(cfg_for(tmp_path))
+    assert good == ["good"]
+    assert rejects[0].path == str(tmp_path / "train_A" / "dangling") and "unreadable path" in rejects[0].reason
+    assert errors[0].path == str(p) and errors[0].frame == 0
+    assert errors[0].reason == "unreadable path: FileNotFoundError: No such file or directory"
+
+
+def test_truncated_and_corrupt_video(tmp_path, sample_data):
+    data = (sample_data / "videos" / "box.mp4").read_bytes()
+    (tmp_path / "truncated.mp4").write_bytes(data[: int(len(data) * 0.3)])
+    (tmp_path / "garbage.avi").write_bytes(os.urandom(4000))
+    shutil.copy(sample_data / "videos" / "tree.avi", tmp_path / "tree.avi")
+    src = VideoFiles(DataConfig(source=str(tmp_path), resolution="64x48", clip_len=4))
+    listing = src.list()
+    assert [r.path for r in listing.rejects] == [str(tmp_path / "garbage.avi")]
+    assert listing.rejects[0].reason.startswith("cannot open video")
+    specs = {s.name: s for s in listing.sequences}
+    src.read(specs["tree"], 0, 68)  # the whole valid video decodes
+    with pytest.raises(BadInput, match="truncated or corrupt video") as info:
+        src.read(specs["truncated"], 0, specs["truncated"].num_frames)
+    assert info.value.path == str(tmp_path / "truncated.mp4") and info.value.frame is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# through the Ray pipeline: every case at once lands in the manifest; the good sequences are prepared
+
+
+def test_prepare_rejects_each_bad_input_and_keeps_the_rest(tmp_path, ray_cluster):
+    root = tmp_path / "data"
+    write_seq(root, "good1", n=6, seed=0)
+    write_seq(root, "good2", n=4, seed=5)
+    write_seq(root, "corrupt", seed=1)
+    frame_path(root, "corrupt", 1).write_bytes(b"\xff\xd8 not a jpeg")
+    write_seq(root, "mismatch", seed=2)
+    frame_path(root, "mismatch", 0).unlink()
+    write_seq(root, "badlabel", seed=3)
+    p = frame_path(root, "badlabel", 2, "A")
+    Image.fromarray(np.full((H, W), 200, np.uint8)).save(p)
+    write_seq(root, "short", n=2, seed=4)
+    write_seq(root, "resized", seed=6)
+    Image.open(frame_path(root, "resized", 2)).resize((32, 16)).save(frame_path(root, "resized", 2))
+    (root / "train_A" / "empty").mkdir()
+    (root / "train_A" / "dangling").symlink_to(root / "nowhere")
+
+    out = tmp_path / "out"
+    summary = prepare(cfg_for(root, out=str(out)), progress=False)
+    assert summary.clips == {"train": 3}  # good1: starts 0, 3; good2: start 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["clips"] == 3 and manifest["splits"]["train"]["sequences"] == 2
+    reasons = {Path(r["path"]).parent.name if r["path"].endswith((".png", ".jpg")) else Path(r["path"]).name:
+               r["reason"] for r in manifest["rejected"]}
+    assert reasons["corrupt"].startswith("cannot decode image")
+    assert "count mismatch" in reasons["mismatch"]
+    assert "label id 200 >= label_nc 35" in reasons["badlabel"]
+    assert "shorter than a clip" in reasons["short"]
+    assert "size changed" in reasons["resized"]
+    assert reasons["empty"].startswith("empty folder")
+    assert "unreadable path" in reasons["dangling"]
+    assert len(manifest["rejected"]) == 7
+    frames = {r["path"]: r.get("frame") for r in manifest["rejected"]}
+    assert frames[str(p)] == 2
+    text = summary.format()
+    assert "rejected 7 inputs" in text and "label id 200" in text
+
+
+def test_everything_rejected_is_a_clear_error(tmp_path):
+    write_seq(tmp_path, "short", n=2)
+    (tmp_path / "train_A" / "empty").mkdir()
+    with pytest.raises(PrepareError, match="every input was rejected") as info:
+        prepare(cfg_for(tmp_path, out=str(tmp_path / "out")), progress=False)
+    assert "short: sequence shorter than a clip" in str(info.value)
+    assert "empty: empty folder" in str(info.value)
+    with pytest.raises(PrepareError, match="does not exist"):
+        prepare(cfg_for(tmp_path / "no_such_dir", out=str(tmp_path / "out")), progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()

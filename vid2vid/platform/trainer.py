@@ -1,0 +1,142 @@
+"""The driver side of a training run: MLflow run, Ray Train ``TorchTrainer``, placement-aware data.
+
+``train(cfg)`` is what ``experiments/cityscapes.py`` and the Tune sweep call. A run is named
+``cfg.train.run_name`` (default: ``<cfg.name>-<timestamp>``); starting a run under a name that
+already exists in ``<run_dir>/ray`` resumes it from its latest checkpoint (Ray Train restores the
+run's checkpoint list; the MLflow run id is kept beside it, so metrics continue in the same run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vid2vid.config import Config, flatten, to_dict
+from vid2vid.platform.placement import plan_placement
+
+log = logging.getLogger("vid2vid.train")
+RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    mlflow_run_id: str | None
+    tracking_uri: str
+    checkpoint: str | None  # directory of the latest checkpoint
+    metrics: dict[str, Any]
+    storage: Path
+
+
+def placement_data_config(mode: str, world_size: int):
+    """A Ray Train DataConfig that gives each generator rank an equal streaming shard and
+    discriminator ranks ``None`` (in the split placement they receive frames from their partner).
+    Ray Train V2 needs an entry for every rank, and every rank must ask for its shard (a barrier)."""
+    import ray.train
+
+    class PlacementDataConfig(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            placement = plan_placement(world_size, 0, mode)
+            readers = list(placement.generator_ranks)
+            output: list[dict] = [dict.fromkeys(datasets) for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                ds.context.execution_options.preserve_order = True  # same clips, same order on a resume
+                ds.context.enable_progress_bars = False  # per-step bars from every worker drown the log
+                for rank, shard in zip(readers, ds.streaming_split(len(readers), equal=True), strict=True):
+                    output[rank][name] = shard
+            return output
+
+    return PlacementDataConfig()
+
+
+def ensure_ray(address: str | None = None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}}
+                 if not _has_gpu() else None)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = None,
+          parent_run_id: str | None = None) -> TrainResult:
+    """Train on prepared shards; everything lands in MLflow and in ``<run_dir>/ray/<run_name>``."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vid2vid.datasets.shards import load_manifest, training_dataset
+    from vid2vid.platform.tracking import Tracker
+    from vid2vid.platform.worker import train_loop_per_worker
+
+    ensure_ray()
+    run_dir = Path(cfg.train.run_dir).resolve()
+    run_name = cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = run_dir / "ray"
+    manifest = load_manifest(shards)
+    _check_manifest(cfg, manifest, shards)
+    plan_placement(cfg.train.num_workers, cfg.train.gpus_per_worker, cfg.train.placement)  # fail fast
+
+    tracker = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=run_name,
+                      run_id=_existing_run_id(storage / run_name), run_dir=run_dir,
+                      tags={"placement": cfg.train.placement, "preset": cfg.name, **(extra_tags or {}),
+                            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
+    tracker.log_params(flatten(cfg))
+    if tracker.run_id:
+        (storage / run_name).mkdir(parents=True, exist_ok=True)
+        (storage / run_name / RUN_ID_FILE).write_text(tracker.run_id)
+
+    payload = {"config": to_dict(cfg), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
+               "run_dir": str(run_dir), "clip_len": int(manifest["clip_len"]),
+               "sample_dir": str(run_dir / "samples" / run_name)}
+    use_gpu = cfg.train.use_gpu
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"GPU": cfg.train.gpus_per_worker} if use_gpu else {"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": training_dataset(shards, split="train", shuffle_seed=cfg.train.seed)},
+        dataset_config=placement_data_config(cfg.train.placement, cfg.train.num_workers),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.end("FAILED")
+        raise
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    if checkpoint:
+        tracker.set_tags({"checkpoint": checkpoint})
+    return TrainResult(run_name, tracker.run_id, tracker.uri, checkpoint, dict(result.metrics or {}), storage)
+
+
+def _existing_run_id(folder: Path) -> str | None:
+    path = folder / RUN_ID_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _check_manifest(cfg: Config, manifest: dict, shards: str | Path) -> None:
+    """The model must be built for the data it reads: label channels and clip length."""
+    label_nc = int(manifest.get("label_nc", cfg.model.label_nc))
+    if label_nc != cfg.model.label_nc:
+        raise ValueError(f"{shards}/manifest.json: label_nc is {label_nc} but model.label_nc is "
+                         f"{cfg.model.label_nc}; set model.label_nc={label_nc}")
+    if label_nc == 0 and int(manifest.get("input_nc", 0)) != cfg.model.input_nc:
+        raise ValueError(f"{shards}/manifest.json: input_nc is {manifest.get('input_nc')} but model.input_nc is "
+                         f"{cfg.model.input_nc}")

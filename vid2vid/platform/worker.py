@@ -1,0 +1,318 @@
+"""The Ray Train worker loop: one function every TorchTrainer worker runs.
+
+Roles come from the placement plan. In ``colocated`` mode every rank generates, judges and steps both
+engines on its own clips (data parallel). In ``split`` mode a generator rank generates and sends its
+fake frames to its partner discriminator rank, which returns the gradient of the adversarial losses
+with respect to those frames; each side steps its own engine, data parallel within its own group.
+Only generator ranks read data; they drive the schedule and tell their partner what to do next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vid2vid.config import Config, apply_mapping, to_dict
+from vid2vid.datasets.shards import Clip
+from vid2vid.models.adversarial import DiscriminatorSide
+from vid2vid.models.objective import LossTerms, Objective
+from vid2vid.models.vid2vid import GeneratorSide
+from vid2vid.platform import handoff
+from vid2vid.platform.engines import build_engine, frozen, rebuild_optimizer, set_lr
+from vid2vid.platform.placement import Placement, make_groups, plan_placement
+from vid2vid.platform.schedule import ScheduleState, plan_epoch
+from vid2vid.platform.step import adversarial_inputs, colocated_step, generate_for_training
+from vid2vid.platform.warm_start import CONFIG, load_matching, save_weights
+
+log = logging.getLogger("vid2vid.train")
+
+
+@dataclass
+class WorkerContext:
+    cfg: Config
+    rank: int
+    world: int
+    placement: Placement
+    device: torch.device
+    engines: dict[str, Any]
+    objective: Objective
+    mpu: Any
+    clip_len: int | None = None  # frames per prepared clip (the schedule's cap), from the manifest
+    last_clip: Clip | None = None  # for the closing sample video
+    last_step: int = 0
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    return apply_mapping(Config(), d)
+
+
+def build_sides(cfg: Config, role: str, device: torch.device) -> tuple[GeneratorSide | None, DiscriminatorSide | None]:
+    """Both sides seeded the same way on every rank and in every placement, so G and D start from the
+    same weights whichever mode runs them."""
+    torch.manual_seed(cfg.train.seed)
+    g = GeneratorSide(cfg.model).to(device)
+    torch.manual_seed(cfg.train.seed + 1)
+    d = DiscriminatorSide(cfg.model).to(device)
+    return (g if role in ("both", "generator") else None), (d if role in ("both", "discriminator") else None)
+
+
+def setup(cfg: Config) -> WorkerContext:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    placement = plan_placement(world, cfg.train.gpus_per_worker if cfg.train.use_gpu else 0, cfg.train.placement)
+    groups = make_groups(placement)
+    role = placement.role(rank)
+    g, d = build_sides(cfg, role, device)
+    if g is not None and cfg.model.n_scales_spatial > 1 and cfg.train.niter_fix_global > 0:
+        g.generator.freeze_coarse_scales(True)
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    engines: dict[str, Any] = {}
+    if g is not None:
+        engines["generator"] = build_engine(g, cfg.train, cfg.train.lr, betas, groups["mpu"])
+    if d is not None:
+        engines["discriminator"] = build_engine(d, cfg.train, cfg.train.lr, betas, groups["mpu"])
+    return WorkerContext(cfg, rank, world, placement, device, engines, Objective(cfg.model).to(device), groups["mpu"])
+
+
+def restore(wc: WorkerContext) -> ScheduleState:
+    import ray.train
+
+    from vid2vid.platform.checkpoint import read_checkpoint
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        if wc.cfg.train.warm_start:
+            warm_start(wc, wc.cfg.train.warm_start)
+        return ScheduleState()
+    state = ScheduleState.from_dict(read_checkpoint(checkpoint, wc.engines))
+    log.info("rank %d resumed at epoch %d step %d (batch %d of the epoch)", wc.rank, state.epoch, state.step,
+             state.batch_in_epoch)
+    return state
+
+
+def warm_start(wc: WorkerContext, path: str) -> None:
+    """Initialise from a lower-resolution run: matching tensors are copied, new layers listed."""
+
+    for name, engine in wc.engines.items():
+        new = load_matching(engine.module, path, name)
+        if wc.rank == 0:
+            log.warning("warm start %s from %s: %d new tensors not in the checkpoint: %s", name, path, len(new),
+                        ", ".join(new[:20]) + (" ..." if len(new) > 20 else ""))
+
+
+def save(wc: WorkerContext, state: ScheduleState, metrics: dict[str, float]) -> None:
+    """Every rank writes what it owns into a local directory and reports it; Ray merges them."""
+    import ray.train
+
+    from vid2vid.platform.checkpoint import write_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(tmp, wc.engines, state.to_dict(), all_engines=["generator", "discriminator"])
+        for name, engine in wc.engines.items():  # plain weights, once per side (ZeRO-1/2 keep full weights)
+            if wc.rank == min(wc.placement.group_ranks(wc.rank)):
+                save_weights(tmp, name, engine.module)
+        if wc.rank == 0:
+            (Path(tmp) / CONFIG).write_text(json.dumps(to_dict(wc.cfg), indent=1))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def report(wc: WorkerContext, state: ScheduleState, metrics: dict[str, float], checkpoint: bool) -> None:
+    import ray.train
+
+    if checkpoint:
+        save(wc, state, metrics)
+    else:
+        ray.train.report(metrics)
+
+
+def _apply_epoch(wc: WorkerContext, epoch: int, lr_factor: float, rebuild: bool, coarse_frozen: bool) -> None:
+    """Learning-rate decay on every engine this rank holds (G, D_I and all D_V share the D engine);
+    at the end of spatial fine-tuning, unfreeze the coarse scales and build a fresh optimizer."""
+    g = wc.engines.get("generator")
+    if g is not None and wc.cfg.model.n_scales_spatial > 1 and rebuild:
+        g.module.generator.freeze_coarse_scales(False)
+        wc.engines["generator"] = rebuild_optimizer(g, wc.cfg.train)
+    for engine in wc.engines.values():
+        set_lr(engine, wc.cfg.train.lr * lr_factor)
+
+
+def _metrics(state: ScheduleState, g_terms: LossTerms | None, d_terms: LossTerms | None, frames: int,
+             seconds: float, lr: float, device: torch.device) -> dict[str, float]:
+    m = {"step": state.step, "epoch": state.epoch, "clip_len": state.clip_len, "lr": lr,
+         "frames_per_s": frames / max(seconds, 1e-9), "step_time_s": seconds}
+    if g_terms is not None:
+        m.update(g_terms.scalars("G/"))
+    if d_terms is not None:
+        m.update(d_terms.scalars("D/"))
+    if device.type == "cuda":
+        m["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return m
+
+
+def _maybe_fail(cfg: Config, state: ScheduleState) -> None:
+    """Test hook: die once at a given step (a marker file makes the retry survive)."""
+    at = int(os.environ.get("VID2VID_FAIL_AT_STEP", "-1"))
+    marker = os.environ.get("VID2VID_FAIL_MARKER")
+    if at >= 0 and state.step == at and marker and not Path(marker).exists():
+        Path(marker).write_text(json.dumps({"step": at}))
+        os._exit(1)  # a hard kill, as a lost node would be
+
+
+def total_epochs(cfg: Config) -> int:
+    return cfg.train.niter + cfg.train.niter_decay
+
+
+def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> ScheduleState:
+    """Generator ranks (and colocated ranks): read clips, step, report; drive the D partner if split."""
+    import ray.train
+
+    cfg, split = wc.cfg, wc.placement.mode == "split"
+    partner = wc.placement.partner(wc.rank)
+    shard = ray.train.get_dataset_shard("train")
+    rng = torch.Generator().manual_seed(cfg.train.seed + 7919 * wc.rank)
+    available = wc.clip_len
+    done = False
+    while state.epoch < total_epochs(cfg) and not done:
+        plan = plan_epoch(state.epoch, cfg.train, available)
+        state.clip_len, state.coarse_frozen = plan.clip_len, plan.coarse_frozen
+        _apply_epoch(wc, state.epoch, plan.lr_factor, plan.rebuild_optimizer and state.batch_in_epoch == 0,
+                     plan.coarse_frozen)
+        batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True)
+        for index, batch in enumerate(batches):
+            if index < state.batch_in_epoch:
+                continue  # consumed before the checkpoint we resumed from
+            _maybe_fail(cfg, state)
+            clip = Clip.from_batch(batch).to(wc.device)
+            n = min(plan.clip_len, clip.num_frames)
+            t0 = time.perf_counter()
+            checkpoint = _checkpoint_due(cfg, state.step + 1)
+            if split:
+                handoff.send_control(handoff.Control(handoff.STEP, state.epoch, state.step, checkpoint,
+                                                     plan.lr_factor), partner, wc.device)
+                g_terms, d_terms = split_generator_step(wc, clip, n, rng, partner)
+            else:
+                result = colocated_step(wc.engines["generator"], wc.engines["discriminator"], wc.objective, cfg.model,
+                                        clip, n, rng)
+                g_terms, d_terms = result.generator, result.discriminator
+            seconds = time.perf_counter() - t0
+            state.step += 1
+            state.batch_in_epoch = index + 1
+            wc.last_clip, wc.last_step = clip, state.step
+            metrics = _metrics(state, g_terms, d_terms, clip.labels.shape[0] * n, seconds,
+                               cfg.train.lr * plan.lr_factor, wc.device)
+            if tracker is not None:
+                tracker.log_metrics(metrics, step=state.step)
+            report(wc, state, metrics, checkpoint)
+            if cfg.train.max_steps and state.step >= cfg.train.max_steps:
+                done = True
+                break
+        if not done:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if cfg.train.checkpoint_every == 0:
+                if split:
+                    handoff.send_control(handoff.Control(handoff.CHECKPOINT, state.epoch, state.step, True,
+                                                         plan.lr_factor), partner, wc.device)
+                report(wc, state, {"step": state.step, "epoch": state.epoch}, checkpoint=True)
+    if split:
+        handoff.send_control(handoff.Control(handoff.STOP, state.epoch, state.step, False, 0.0), partner, wc.device)
+    return state
+
+
+def _checkpoint_due(cfg: Config, step: int) -> bool:
+    every = cfg.train.checkpoint_every
+    return (every > 0 and step % every == 0) or (cfg.train.max_steps > 0 and step == cfg.train.max_steps)
+
+
+def split_generator_step(wc: WorkerContext, clip: Clip, n: int, rng: torch.Generator,
+                         partner: int) -> tuple[LossTerms, LossTerms]:
+    g, cfg = wc.engines["generator"], wc.cfg.model
+    seq = generate_for_training(g, cfg, clip, n)
+    adv = adversarial_inputs(cfg, clip, seq, rng)
+    handoff.send_adversarial(adv, partner)
+    local = wc.objective.generator_local(seq, clip.frames, clip.flow, clip.confidence)
+    grads = handoff.recv_tensors(partner, wc.device)
+    fakes = [adv.fake] + ([adv.fake_raw] if adv.fake_raw is not None else [])
+    # A surrogate whose gradient w.r.t. G's parameters is exactly that of local + adversarial losses:
+    # d/dtheta <fake, dL_adv/dfake> = dL_adv/dfake . dfake/dtheta (the chain rule, D's half done remotely).
+    surrogate = local.total + sum((f * gr).sum() for f, gr in zip(fakes, grads, strict=True))
+    g.backward(surrogate)
+    g.step()
+    values = handoff.recv_tensors(partner, wc.device)
+    g_names, d_names = handoff.adversarial_names(adv)
+    g_adv = LossTerms(dict(zip(g_names, values[0].unbind(), strict=True)))
+    d_terms = LossTerms(dict(zip(d_names, values[1].unbind(), strict=True)))
+    return local + g_adv, d_terms
+
+
+def discriminator_loop(wc: WorkerContext, state: ScheduleState) -> ScheduleState:
+    """Discriminator ranks of the split placement: serve the partner G rank until it says stop."""
+    import ray.train
+
+    ray.train.get_dataset_shard("train")  # a barrier over all ranks in Ray Train; D reads no data itself
+    partner = wc.placement.partner(wc.rank)
+    d = wc.engines["discriminator"]
+    current_epoch = -1
+    while True:
+        control = handoff.recv_control(partner, wc.device)
+        if control.action == handoff.STOP:
+            return state
+        if control.action == handoff.CHECKPOINT:  # the partner finished an epoch
+            state.epoch, state.step, state.batch_in_epoch = control.epoch, control.step, 0
+            report(wc, state, {"step": state.step, "epoch": state.epoch}, checkpoint=True)
+            continue
+        if control.epoch != current_epoch:
+            set_lr(d, wc.cfg.train.lr * control.lr_factor)
+            current_epoch = control.epoch
+        t0 = time.perf_counter()
+        adv = handoff.recv_adversarial(partner, wc.device)
+        with frozen(d.module):
+            g_adv = wc.objective.generator_adversarial(d.module(adv))
+        leaves = [adv.fake] + ([adv.fake_raw] if adv.fake_raw is not None else [])
+        grads = torch.autograd.grad(g_adv.total, leaves)
+        handoff.send_tensors(list(grads), partner)  # G back-propagates while D takes its own step
+        d_terms = wc.objective.discriminator(d(adv.detached()))
+        d.backward(d_terms.total)
+        d.step()
+        handoff.send_tensors([torch.stack(list(g_adv.terms.values())).detach(),
+                              torch.stack(list(d_terms.terms.values())).detach()], partner)
+        state.epoch, state.step = control.epoch, control.step + 1
+        metrics = _metrics(state, None, d_terms, 0, time.perf_counter() - t0, d.optimizer.param_groups[0]["lr"],
+                           wc.device)
+        report(wc, state, metrics, control.checkpoint)
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    """Entry point given to ``TorchTrainer``: ``payload = {"config": dict, "run_id": str | None}``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = config_from_dict(payload["config"])
+    wc = setup(cfg)
+    wc.clip_len = payload.get("clip_len")
+    state = restore(wc)
+    tracker = None
+    if wc.rank == 0 and payload.get("run_id"):
+        from vid2vid.platform.tracking import Tracker
+
+        tracker = Tracker(payload.get("tracking_uri"), cfg.train.experiment, run_id=payload["run_id"],
+                          run_dir=payload.get("run_dir", cfg.train.run_dir))
+    if wc.placement.role(wc.rank) == "discriminator":
+        discriminator_loop(wc, state)
+    else:
+        state = generator_loop(wc, state, tracker)
+    if tracker is not None:
+        from vid2vid.platform.samples import log_sample_video
+
+        log_sample_video(wc, tracker, payload.get("sample_dir") or tempfile.mkdtemp())
+        tracker.end("FINISHED")
