@@ -59,15 +59,7 @@ def ensure_ray(address: str | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}}
-                 if not _has_gpu() else None)
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"))
 
 
 def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = None,
@@ -88,18 +80,23 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
     _check_manifest(cfg, manifest, shards)
     plan_placement(cfg.train.num_workers, cfg.train.gpus_per_worker, cfg.train.placement)  # fail fast
 
+    resumed_run_id = _existing_run_id(storage / run_name)
     tracker = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=run_name,
-                      run_id=_existing_run_id(storage / run_name), run_dir=run_dir,
+                      run_id=resumed_run_id, run_dir=run_dir,
                       tags={"placement": cfg.train.placement, "preset": cfg.name, **(extra_tags or {}),
                             **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
-    tracker.log_params(flatten(cfg))
+    if resumed_run_id is None:  # MLflow params are write-once; a resumed run keeps its original ones
+        tracker.log_params(flatten(cfg))
     if tracker.run_id:
         (storage / run_name).mkdir(parents=True, exist_ok=True)
         (storage / run_name / RUN_ID_FILE).write_text(tracker.run_id)
 
     payload = {"config": to_dict(cfg), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
                "run_dir": str(run_dir), "clip_len": int(manifest["clip_len"]),
-               "sample_dir": str(run_dir / "samples" / run_name)}
+               "sample_dir": str(run_dir / "samples" / run_name),
+               # fault-injection hook for tests: die once at this step (see worker._maybe_fail)
+               "fail_at_step": int(os.environ.get("VID2VID_FAIL_AT_STEP", "-1")),
+               "fail_marker": os.environ.get("VID2VID_FAIL_MARKER")}
     use_gpu = cfg.train.use_gpu
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -48,6 +48,9 @@ class WorkerContext:
     clip_len: int | None = None  # frames per prepared clip (the schedule's cap), from the manifest
     last_clip: Clip | None = None  # for the closing sample video
     last_step: int = 0
+    fail_at_step: int = -1
+    fail_marker: str | None = None
+    restored_checksum: float | None = None  # sum |w| of G after a resume, reported once (tests check it)
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
@@ -97,6 +100,8 @@ def restore(wc: WorkerContext) -> ScheduleState:
             warm_start(wc, wc.cfg.train.warm_start)
         return ScheduleState()
     state = ScheduleState.from_dict(read_checkpoint(checkpoint, wc.engines))
+    if "generator" in wc.engines:
+        wc.restored_checksum = float(sum(p.detach().abs().sum() for p in wc.engines["generator"].module.parameters()))
     log.info("rank %d resumed at epoch %d step %d (batch %d of the epoch)", wc.rank, state.epoch, state.step,
              state.batch_in_epoch)
     return state
@@ -161,13 +166,41 @@ def _metrics(state: ScheduleState, g_terms: LossTerms | None, d_terms: LossTerms
     return m
 
 
-def _maybe_fail(cfg: Config, state: ScheduleState) -> None:
-    """Test hook: die once at a given step (a marker file makes the retry survive)."""
-    at = int(os.environ.get("VID2VID_FAIL_AT_STEP", "-1"))
-    marker = os.environ.get("VID2VID_FAIL_MARKER")
+def _maybe_fail(wc: WorkerContext, state: ScheduleState) -> None:
+    """Test hook: the process dies once when ``state.step`` reaches ``fail_at_step`` (the marker file
+    records that it happened, so the restarted worker carries on)."""
+    at, marker = wc.fail_at_step, wc.fail_marker
     if at >= 0 and state.step == at and marker and not Path(marker).exists():
         Path(marker).write_text(json.dumps({"step": at}))
         os._exit(1)  # a hard kill, as a lost node would be
+
+
+class CommittedMetrics:
+    """Per-step metrics reach MLflow only once a checkpoint covering them is committed.
+
+    A worker that dies redoes the steps after its last committed checkpoint; holding their metrics
+    until the next commit means MLflow never shows a step twice (nor a step the model lost).
+    """
+
+    def __init__(self, tracker: Any):
+        self.tracker = tracker
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def buffer(self, metrics: dict[str, float], step: int, committed: bool) -> None:
+        self.pending.append((step, metrics))
+        if committed:
+            import ray.train
+
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            self.flush()
+
+    def flush(self) -> None:
+        for step, metrics in self.pending:
+            self.tracker.log_metrics(metrics, step=step)
+        self.pending.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tracker, name)
 
 
 def total_epochs(cfg: Config) -> int:
@@ -193,7 +226,7 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
         for index, batch in enumerate(batches):
             if index < state.batch_in_epoch:
                 continue  # consumed before the checkpoint we resumed from
-            _maybe_fail(cfg, state)
+            _maybe_fail(wc, state)
             clip = Clip.from_batch(batch).to(wc.device)
             n = min(plan.clip_len, clip.num_frames)
             t0 = time.perf_counter()
@@ -212,9 +245,12 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
             wc.last_clip, wc.last_step = clip, state.step
             metrics = _metrics(state, g_terms, d_terms, clip.labels.shape[0] * n, seconds,
                                cfg.train.lr * plan.lr_factor, wc.device)
-            if tracker is not None:
-                tracker.log_metrics(metrics, step=state.step)
+            if wc.restored_checksum is not None:
+                metrics["restored/g_weight_abs_sum"], wc.restored_checksum = wc.restored_checksum, None
+            metrics["clip_index"] = float(clip.clip_index[0]) if clip.clip_index is not None else -1.0
             report(wc, state, metrics, checkpoint)
+            if tracker is not None:
+                tracker.buffer(metrics, state.step, committed=checkpoint)
             if cfg.train.max_steps and state.step >= cfg.train.max_steps:
                 done = True
                 break
@@ -226,6 +262,10 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
                     handoff.send_control(handoff.Control(handoff.CHECKPOINT, state.epoch, state.step, True,
                                                          plan.lr_factor), partner, wc.device)
                 report(wc, state, {"step": state.step, "epoch": state.epoch}, checkpoint=True)
+                if tracker is not None:
+                    tracker.flush()
+    if tracker is not None:
+        tracker.flush()
     if split:
         handoff.send_control(handoff.Control(handoff.STOP, state.epoch, state.step, False, 0.0), partner, wc.device)
     return state
@@ -300,13 +340,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     cfg = config_from_dict(payload["config"])
     wc = setup(cfg)
     wc.clip_len = payload.get("clip_len")
+    wc.fail_at_step, wc.fail_marker = payload.get("fail_at_step", -1), payload.get("fail_marker")
     state = restore(wc)
     tracker = None
     if wc.rank == 0 and payload.get("run_id"):
         from vid2vid.platform.tracking import Tracker
 
-        tracker = Tracker(payload.get("tracking_uri"), cfg.train.experiment, run_id=payload["run_id"],
-                          run_dir=payload.get("run_dir", cfg.train.run_dir))
+        tracker = CommittedMetrics(Tracker(payload.get("tracking_uri"), cfg.train.experiment, run_id=payload["run_id"],
+                                           run_dir=payload.get("run_dir", cfg.train.run_dir)))
     if wc.placement.role(wc.rank) == "discriminator":
         discriminator_loop(wc, state)
     else:
