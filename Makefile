@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(VENV)/bin/pytest -q tests
 
+# The smoke preset end to end on synthetic street scenes: local Ray, local MLflow (sqlite in runs/).
+demo: setup
+	RAY_AUTH_MODE=disabled $(PY) experiments/cityscapes.py preset=smoke
+
 lint: setup
 	$(VENV)/bin/ruff check vid2vid tests experiments benchmarks
 
