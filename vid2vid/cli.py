@@ -47,9 +47,37 @@ def cmd_prepare(args: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(args: list[str]) -> int:
+    from vid2vid.platform.sweep import main
+
+    return main(args)
+
+
+def cmd_ab_pairs(args: list[str]) -> int:
+    from vid2vid.abtest import main_pairs
+
+    return main_pairs(args)
+
+
+def cmd_ab_score(args: list[str]) -> int:
+    from vid2vid.abtest import main_score
+
+    return main_score(args)
+
+
+def cmd_evaluate(args: list[str]) -> int:
+    from vid2vid.platform.evaluation import evaluate_command
+
+    return evaluate_command(args)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "model-summary": (cmd_model_summary, "print parameters per sub-network of a preset's model"),
     "prepare": (cmd_prepare, "prepare clips into Parquet shards with ground-truth flow (Ray Data)"),
+    "evaluate": (cmd_evaluate, "video FID (I3D, ResNeXt), FVD and warping error of a checkpoint, into its MLflow run"),
+    "sweep": (cmd_sweep, "Ray Tune ablation sweep (variants x seeds x grid), one MLflow child run per trial"),
+    "ab-pairs": (cmd_ab_pairs, "export blinded, randomised side-by-side A/B video pairs plus an answer key"),
+    "ab-score": (cmd_ab_score, "preference scores with 95% Wilson intervals from collected A/B answers"),
 }
 
 
@@ -61,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        escaped = help_text.replace("%", "%%")  # argparse formats help strings with %
+        p = sub.add_parser(name, help=escaped, description=escaped)
         p.add_argument("overrides", nargs="*", metavar="key=value")
     ns = parser.parse_args(argv)
     if ns.command is None:
