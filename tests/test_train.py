@@ -85,3 +85,29 @@ def test_a_killed_worker_resumes_without_losing_or_repeating_steps(shards, tmp_p
     assert (tmp_path / "failed-once").exists(), "the worker really died once"
     assert [s for s, _ in history(result, "step")] == [1, 2, 3, 4]
     assert result.metrics["step"] == 4
+
+
+def test_progressive_schedule_grows_clips_freezes_then_fine_tunes_and_decays(ray_cluster, tmp_path):
+    """Two spatial scales, niter_fix_global=1: epoch 0 trains only the finest scale, then every scale
+    with a rebuilt optimizer; clip length doubles every epoch up to the cap; the rate decays linearly."""
+    out = tmp_path / "shards"
+    args = ["preset=smoke", "data.synthetic_sequences=2", "data.synthetic_frames=8", "data.clip_len=8",
+            f"data.out={out}", f"train.run_dir={tmp_path}", "model.n_scales_spatial=2", "train.niter=3",
+            "train.niter_decay=1", "train.niter_step=1", "train.n_frames_total=2", "train.max_frames_total=8",
+            "train.niter_fix_global=1", "train.max_steps=0"]
+    cfg = load_config(args)
+    prepare(cfg.data, progress=False)
+    result = train(cfg, out)
+    clip_len = [v for _, v in history(result, "clip_len")]
+    assert clip_len == [2, 2, 4, 4, 8, 8, 8, 8]
+    assert [v for _, v in history(result, "coarse_frozen")] == [1, 1, 0, 0, 0, 0, 0, 0]
+    lrs = [v for _, v in history(result, "lr")]
+    assert lrs[:6] == [2e-4] * 6 and lrs[6] < 2e-4
+    # the coarse scale moved once unfrozen: compare with its seeded initialisation
+    from vid2vid.models.vid2vid import GeneratorSide
+
+    torch.manual_seed(cfg.train.seed)
+    initial = GeneratorSide(cfg.model).state_dict()
+    final = torch.load(Path(result.checkpoint) / "generator" / "weights.pt", weights_only=True)
+    coarse = [k for k in final if k.startswith("generator.scales.0.label_enc") and final[k].is_floating_point()]
+    assert coarse and any(not torch.equal(final[k], initial[k]) for k in coarse)

@@ -156,6 +156,7 @@ def _apply_epoch(wc: WorkerContext, epoch: int, lr_factor: float, rebuild: bool,
 def _metrics(state: ScheduleState, g_terms: LossTerms | None, d_terms: LossTerms | None, frames: int,
              seconds: float, lr: float, device: torch.device) -> dict[str, float]:
     m = {"step": state.step, "epoch": state.epoch, "clip_len": state.clip_len, "lr": lr,
+         "coarse_frozen": float(state.coarse_frozen),
          "frames_per_s": frames / max(seconds, 1e-9), "step_time_s": seconds}
     if g_terms is not None:
         m.update(g_terms.scalars("G/"))
