@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn import spawn_collect
 from torch import nn
 
 from vid2vid.config import TrainConfig
@@ -96,42 +96,6 @@ def adam_state(engine) -> list[torch.Tensor]:
     for s in inner.state_dict()["state"].values():
         out += [torch.as_tensor(s[k]).flatten().float() for k in ("step", "exp_avg", "exp_avg_sq")]
     return out
-
-
-def spawn_collect(target, world: int, args: tuple, timeout: float = 180.0) -> dict:
-    """Run ``target(rank, *args, queue)`` in ``world`` spawned processes; return ``{rank: result}``.
-
-    Fails fast when a worker dies, and never leaves a worker behind (a hung collective would
-    otherwise block the test session).
-    """
-    import queue as queue_mod
-    import time
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, *args, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world:
-            try:
-                rank, value = q.get(timeout=1.0)
-                results[rank] = value
-            except queue_mod.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                assert not dead, f"a worker exited with code {dead[0]}"
-                assert time.monotonic() < deadline, f"workers gave {len(results)}/{world} results in {timeout} s"
-        for p in procs:
-            p.join(timeout=30)
-            assert p.exitcode == 0, f"worker exit code {p.exitcode}"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return results
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn import spawn_collect
 
 from vid2vid.platform.placement import GroupMPU, make_groups, plan_placement
 
@@ -63,42 +63,6 @@ def test_bad_plans_are_clear_errors(args, msg):
 def test_rank_outside_the_world():
     with pytest.raises(ValueError, match="rank 4 is outside"):
         plan_placement(4, 0, "split").role(4)
-
-
-def spawn_collect(target, world: int, args: tuple, timeout: float = 120.0) -> dict:
-    """Run ``target(rank, *args, queue)`` in ``world`` spawned processes; return ``{rank: result}``.
-
-    Fails fast when a worker dies, and never leaves a worker behind (a hung collective would
-    otherwise block the test session).
-    """
-    import queue as queue_mod
-    import time
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, *args, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world:
-            try:
-                rank, value = q.get(timeout=1.0)
-                results[rank] = value
-            except queue_mod.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                assert not dead, f"a worker exited with code {dead[0]}"
-                assert time.monotonic() < deadline, f"workers gave {len(results)}/{world} results in {timeout} s"
-        for p in procs:
-            p.join(timeout=30)
-            assert p.exitcode == 0, f"worker exit code {p.exitcode}"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return results
 
 
 def _groups_worker(rank: int, world: int, store_dir: str, q) -> None:
