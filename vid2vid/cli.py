@@ -71,13 +71,41 @@ def cmd_evaluate(args: list[str]) -> int:
     return evaluate_command(args)
 
 
+def cmd_generate(args: list[str]) -> int:
+    from vid2vid.generate.commands import generate_command
+
+    return generate_command(args)
+
+
+def cmd_fit_styles(args: list[str]) -> int:
+    from vid2vid.generate.commands import fit_styles_command
+
+    return fit_styles_command(args)
+
+
+def cmd_predict(args: list[str]) -> int:
+    from vid2vid.generate.commands import predict_command
+
+    return predict_command(args)
+
+
+def cmd_predict_train(args: list[str]) -> int:
+    from vid2vid.generate.commands import predict_train_command
+
+    return predict_train_command(args)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "model-summary": (cmd_model_summary, "print parameters per sub-network of a preset's model"),
     "prepare": (cmd_prepare, "prepare clips into Parquet shards with ground-truth flow (Ray Data)"),
+    "generate": (cmd_generate, "render a label folder, video or shards to mp4 from a checkpoint (any length)"),
+    "fit-styles": (cmd_fit_styles, "fit per-class Gaussian mixtures of encoder features for style sampling"),
+    "predict": (cmd_predict, "predict future label maps and render them with vid2vid"),
+    "predict-train": (cmd_predict_train, "train the baseline future label-map predictor on shards"),
     "evaluate": (cmd_evaluate, "video FID (I3D, ResNeXt), FVD and warping error of a checkpoint, into its MLflow run"),
     "sweep": (cmd_sweep, "Ray Tune ablation sweep (variants x seeds x grid), one MLflow child run per trial"),
     "ab-pairs": (cmd_ab_pairs, "export blinded, randomised side-by-side A/B video pairs plus an answer key"),
-    "ab-score": (cmd_ab_score, "preference scores with 95% Wilson intervals from collected A/B answers"),
+    "ab-score": (cmd_ab_score, "A/B preference rates with 95% intervals (Wilson; bootstrap over pairs)"),
 }
 
 

@@ -13,6 +13,17 @@ from torch import Tensor, nn
 from vid2vid.config import ModelConfig
 from vid2vid.models.blocks import down, head, init_weights, stem, up
 
+OBJECT_KEY = 1 << 16  # instance ids stay below 2**16 (Cityscapes' 16-bit ids included)
+
+
+def object_ids(labels: Tensor, instances: Tensor) -> Tensor:
+    """One id per object: (class, instance) -> class * 2**16 + instance.
+
+    Pooling by instance id alone would merge every "stuff" class (road, building, sky), which all
+    share the no-instance id, into one feature vector; keyed by class too, each keeps its own.
+    """
+    return labels.long() * OBJECT_KEY + instances.long()
+
 
 def instance_average_pool(features: Tensor, instance_ids: Tensor) -> Tensor:
     """Replace every pixel's feature by the mean over its instance (per image), differentiably.
