@@ -183,3 +183,14 @@ def test_objective_terms_follow_config_weights():
     b = Objective(dataclasses.replace(cfg, lambda_feat=20.0)).generator_adversarial(j).terms
     torch.testing.assert_close(b["image_feat"], 2 * a["image_feat"])
     torch.testing.assert_close(b["image_gan"], a["image_gan"])
+
+
+def test_edge_maps_feed_the_generator_as_one_dense_channel():
+    """Edge->video shards store (N, T, H, W) 0/1 edges; G sees them as one channel (no one-hot)."""
+    cfg = tiny(label_nc=0, input_nc=1, use_instance=False, fg_bg_prior=False)
+    edges = (torch.rand(N, T, H, W) > 0.8).long()
+    inputs = prepare_inputs(cfg, edges, None)
+    assert inputs.source.shape == (N, T, 1, H, W) and inputs.label_ids is None
+    assert torch.equal(inputs.source[:, :, 0], edges.float())
+    seq = generate_sequence(GeneratorSide(cfg), cfg, inputs, 2)
+    assert seq.frames.shape == (N, 2, 3, H, W)

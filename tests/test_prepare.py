@@ -122,3 +122,21 @@ def test_real_video_becomes_edge_to_video_shards(tmp_path, sample_data, ray_clus
             np.testing.assert_array_equal(labels[t], canny_edges(frames[t], cfg.canny_low, cfg.canny_high))
         assert clip.flow.shape == (1, 4, 2, 48, 64) and clip.flow[0, 1:].abs().sum() > 0
         assert clip.instance_edges.sum() == 0
+
+
+def test_plan_cuts_clips_and_groups_them_into_shards():
+    from vid2vid.datasets.prepare import plan
+    from vid2vid.datasets.sources import SequenceSpec
+
+    specs = [SequenceSpec("train", "a b/c", 20), SequenceSpec("val", "short", 3)]
+    cfg = DataConfig(resolution="64x32", clip_len=4, clip_stride=2, rows_per_shard=4)
+    tasks, rejects = plan(specs, cfg)
+    assert [t.starts for t in tasks] == [[0, 2, 4, 6], [8, 10, 12, 14], [16]]
+    assert [t.first_clip for t in tasks] == [0, 4, 8]
+    assert [t.path for t in tasks] == ["train/a_b_c-0000.parquet", "train/a_b_c-0001.parquet",
+                                       "train/a_b_c-0002.parquet"]
+    assert rejects[0].reason == "sequence shorter than a clip: 3 frames < clip_len 4"
+    assert rejects[0].split == "val"
+    # shard_mb caps clips per shard: one 4-frame 64x32 clip is 4 * 64 * 32 * 11 bytes = 88 KiB
+    cfg.shard_mb, cfg.resolution = 1, "512x256"  # one clip is 5.5 MiB: still one clip per shard
+    assert [len(t.starts) for t in plan(specs[:1], cfg)[0]] == [1] * 9

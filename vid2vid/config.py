@@ -84,7 +84,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic | vid2vid folder root | cityscapes raw root | video file/dir
-    source_kind: Literal["auto", "synthetic", "vid2vid", "cityscapes", "video"] = "auto"
+    source_kind: Literal["auto", "synthetic", "vid2vid", "cityscapes", "video", "face", "pose"] = "auto"
     split: str = "train"
     out: str = "runs/shards/synthetic"
     resolution: str = "128x64"  # WxH

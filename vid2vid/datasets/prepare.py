@@ -106,17 +106,17 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def _clips_per_shard(cfg: DataConfig, stride: int) -> int:
+def _clips_per_shard(cfg: DataConfig) -> int:
+    """At most ``rows_per_shard`` clips, fewer when they would exceed ``shard_mb`` uncompressed."""
     w, h = cfg.size
-    frame_bytes = w * h * 11  # labels, instances, edges, confidence 1 B; frames 3 B; flow 2 x 2 B
-    budget = max(cfg.shard_mb * 2**20 // frame_bytes, cfg.clip_len)
-    return max(1, min(cfg.rows_per_shard, (budget - cfg.clip_len) // stride + 1))
+    clip_bytes = cfg.clip_len * w * h * 11  # labels, instances, edges, confidence 1 B; RGB 3; flow 2x2
+    return max(1, min(cfg.rows_per_shard, cfg.shard_mb * 2**20 // clip_bytes))
 
 
 def plan(specs: list[SequenceSpec], cfg: DataConfig) -> tuple[list[ShardTask], list[Reject]]:
     """Cut sequences into clips and group the clips into shard tasks; short sequences are rejects."""
     stride = cfg.clip_stride or cfg.clip_len
-    per_shard = _clips_per_shard(cfg, stride)
+    per_shard = _clips_per_shard(cfg)
     tasks, rejects = [], []
     for spec in specs:
         if spec.num_frames < cfg.clip_len:
@@ -351,7 +351,8 @@ def _manifest(cfg, kind, source, settings, done, rejects) -> dict:
         "source_kind": kind,
         "label_nc": source.label_nc,
         "input_nc": source.input_nc,
-        "labels": "Canny edge map of the frame, values 0/1" if edges else "label ids < label_nc",
+        "labels": getattr(source, "labels_doc", "")
+        or ("Canny edge map of the frame, values 0/1" if edges else "label ids < label_nc"),
         "resolution": list(cfg.size),
         "clip_len": cfg.clip_len,
         "clip_stride": settings["clip_stride"],

@@ -9,6 +9,7 @@ both turn back into numpy arrays of the right shape:
 column              dtype     shape         meaning
 ==================  ========  ============  ==================================================
 ``labels``          uint8     (T,H,W)       label ids; for edge->video sources Canny edges 0/1
+                              (T,H,W,C)     dense multi-channel sources (face, pose): 0..255
 ``instance_edges``  uint8     (T,H,W)       1 where a 4-neighbour has another instance id
 ``instances``       uint8     (T,H,W)       instance ids (for the feature encoder's pooling)
 ``frames``          uint8     (T,H,W,3)     RGB
@@ -223,7 +224,8 @@ def iter_clips(out: str | Path, split: str = "train"):
 class Clip:
     """A batch of clips as torch tensors in the layout the model uses (time before channels).
 
-    labels (B,T,H,W) long, instance_edges (B,T,H,W) float, instances (B,T,H,W) long,
+    labels (B,T,H,W) long (dense sources: (B,T,C,H,W) float in [0, 1]), instance_edges (B,T,H,W) float,
+    instances (B,T,H,W) long,
     frames (B,T,3,H,W) float in [-1, 1], flow (B,T,2,H,W) float32 (backward, ``flow[:, 0] = 0``),
     confidence (B,T,1,H,W) float; the last three are None for labels-only splits.
     """
@@ -257,8 +259,11 @@ class Clip:
             raise KeyError(f"batch has no 'labels' column; columns: {sorted(batch)}")
         frames, flow, conf = t("frames", np.float32), t("flow", np.float32), t("confidence", np.float32)
         seq = batch.get("sequence")
+        labels = t("labels", np.int64)
+        if labels.dim() == 5:  # dense (B,T,H,W,C) uint8 codes -> the model's (B,T,C,H,W) in [0, 1]
+            labels = labels.permute(0, 1, 4, 2, 3).float().div(255.0)
         return cls(
-            labels=t("labels", np.int64),
+            labels=labels,
             instance_edges=t("instance_edges", np.float32),
             instances=t("instances", np.int64),
             frames=None if frames is None else frames.permute(0, 1, 4, 2, 3).div(127.5).sub(1.0),

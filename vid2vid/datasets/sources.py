@@ -12,6 +12,8 @@ Sources (``DataConfig.source_kind``; ``auto`` detects from the path, see :func:`
 - ``video``: a video file or a folder of them, decoded with decord; the source (label) is the Canny edge
   map of each resized frame, 0/1 (edge->video: ``label_nc 0, input_nc 1``), instances are all zero.
 - ``synthetic``: street scenes from :mod:`vid2vid.datasets.synthetic` with their EXACT flow.
+- ``face`` / ``pose``: dense multi-channel sources (face sketches from landmarks, DensePose + OpenPose),
+  read by :mod:`vid2vid.datasets.face` and :mod:`vid2vid.datasets.pose`, imported on first use.
 
 ``DataConfig.split`` names the split(s) to prepare: ``train``, ``train,test`` or ``all`` (every
 ``<split>_A`` / ``leftImg8bit_sequence/<split>`` found). Video and synthetic sources have no split
@@ -42,7 +44,7 @@ from vid2vid.datasets.labels import (
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
-SOURCE_KINDS = ("synthetic", "vid2vid", "cityscapes", "video")
+SOURCE_KINDS = ("synthetic", "vid2vid", "cityscapes", "video", "face", "pose")
 
 
 @dataclass
@@ -75,6 +77,7 @@ class SequenceSpec:
     video: str | None = None
     seed: int | None = None  # synthetic scenes
     has_frames: bool = True
+    params: dict = field(default_factory=dict)  # source-specific, JSON-able (e.g. a crop window)
 
 
 @dataclass
@@ -453,8 +456,24 @@ class SyntheticScenes(Source):
                           seq.valid[sl].astype(np.uint8), decode_s=time.perf_counter() - t0)
 
 
-SOURCES = {"vid2vid": Vid2VidFolders, "cityscapes": CityscapesRaw, "video": VideoFiles,
-           "synthetic": SyntheticScenes}
+class _Sources(dict):
+    """kind -> Source class. The face and pose readers live in their own modules (they build on this
+    one), so they are imported on first lookup instead of here, which would be a circular import."""
+
+    LAZY = {"face": ("vid2vid.datasets.face", "FaceSketches"), "pose": ("vid2vid.datasets.pose", "PoseMaps")}
+
+    def __missing__(self, kind: str) -> type:
+        if kind not in self.LAZY:
+            raise KeyError(kind)
+        import importlib
+
+        module, name = self.LAZY[kind]
+        self[kind] = cls = getattr(importlib.import_module(module), name)
+        return cls
+
+
+SOURCES = _Sources({"vid2vid": Vid2VidFolders, "cityscapes": CityscapesRaw, "video": VideoFiles,
+                    "synthetic": SyntheticScenes})
 
 
 def detect_kind(source: str) -> str:
@@ -470,16 +489,21 @@ def detect_kind(source: str) -> str:
         raise ValueError(f"data source {source!r} is a file but not a video ({', '.join(sorted(VIDEO_EXTS))})")
     if (path / CityscapesRaw.FRAMES).is_dir():
         return "cityscapes"
+    if any((path / d).is_dir() for d in ("pose_maps-densepose", "poses-openpose")):
+        return "pose"
+    if any((path / d).is_dir() for d in ("landmarks-dlib68", "landmarks")):
+        return "face"
     if any(p.is_dir() for p in path.glob("*_A")):
         return "vid2vid"
     if any(p.suffix.lower() in VIDEO_EXTS for p in path.iterdir()):
         return "video"
     raise ValueError(f"cannot tell the layout of {source!r}: expected <split>_A/ folders (vid2vid), "
-                     f"{CityscapesRaw.FRAMES}/ (raw Cityscapes) or video files; set data.source_kind")
+                     f"{CityscapesRaw.FRAMES}/ (raw Cityscapes), landmarks-dlib68/ (face), "
+                     "pose_maps-densepose/ (pose) or video files; set data.source_kind")
 
 
 def make_source(cfg) -> Source:
     kind = detect_kind(cfg.source) if cfg.source_kind == "auto" else cfg.source_kind
-    if kind not in SOURCES:
+    if kind not in SOURCE_KINDS:
         raise ValueError(f"unknown data.source_kind {kind!r}; choose one of {SOURCE_KINDS}")
     return SOURCES[kind](cfg)

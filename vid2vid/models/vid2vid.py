@@ -63,7 +63,13 @@ class ClipInputs:
 
 def prepare_inputs(cfg: ModelConfig, labels: Tensor, instance_edges: Tensor | None,
                    features: Tensor | None = None) -> ClipInputs:
-    """Encode raw label ids (or a dense source map) for G and the discriminators."""
+    """Encode raw label ids (or a dense source map) for G and the discriminators.
+
+    Dense sources come as (N, T, C, H, W) floats; a single-channel one (edge maps, 0/1) may come as
+    (N, T, H, W), as edge->video shards store it.
+    """
+    if cfg.label_nc == 0 and labels.dim() == 4:
+        labels = labels.float().unsqueeze(2)
     source = encode_source(labels, instance_edges if cfg.use_instance else None, cfg)
     label_ids = labels.long() if cfg.label_nc > 0 else None
     return ClipInputs(source=source, label_ids=label_ids, features=features)
