@@ -1,0 +1,231 @@
+"""The evaluation service on the platform: after training, beside it, and from the command line.
+
+After training, ``experiment.run_experiment`` calls :func:`evaluate_run` on the final checkpoint.
+
+Beside training, a Ray actor evaluates each checkpoint the moment Ray Train has persisted it, and
+training never waits for the evaluation (only for a copy of the generator weights).
+``run_experiment`` (hence ``experiments/cityscapes.py``) wires it, when ``eval.during_training=true``, as::
+
+    evaluator = start_evaluator(cfg, shards)                   # before train(); returns at once
+    result = train(cfg, shards, callbacks=[evaluator.callback()])  # -> RunConfig(callbacks=...)
+    evaluator.wait()                                            # the last checkpoints' metrics land
+
+``evaluator.callback()`` is a ``ray.train.UserCallback``: Ray Train's controller calls its
+``after_report`` with every persisted checkpoint, and it forwards ``(path, metrics["step"])`` to the
+actor's ``submit``, waiting only for the staging copy: the actor copies the checkpoint's small
+evaluation files (``config.json``, ``generator/weights.pt``) at once, because
+``CheckpointConfig(num_to_keep=2)`` may delete the directory before its turn comes. It evaluates the
+queue in order on a background thread, and when it falls behind by more than ``max_pending``
+checkpoints it drops the oldest queued ones (logged). The last checkpoint of a run is evaluated
+there too, so skip ``evaluate_run`` after training when the evaluator ran beside it.
+
+The run id comes from ``mlflow_run_id.txt`` beside the checkpoints, which the trainer writes before
+training starts. The evaluation pools need free resources: on a cluster whose every GPU trains,
+evaluations queue until GPUs free up (training still never waits).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from vid2vid.config import Config, EvalConfig, apply_mapping, parse_overrides
+from vid2vid.eval.service import CHECKPOINT_STATE, EvalResult, checkpoint_step, evaluate_checkpoint, resolve_target
+from vid2vid.platform.warm_start import CONFIG, WEIGHTS, load_config, weights_path
+
+log = logging.getLogger("vid2vid.eval")
+STAGE_TIMEOUT_S = 60
+STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_STATE)
+
+
+def evaluate_run(cfg: Config, result: Any, shards: str | Path) -> dict[str, float]:
+    """Evaluate a finished run's last checkpoint (``TrainResult``) into its own MLflow run."""
+    out = evaluate_checkpoint(result.checkpoint, shards, cfg.eval, run_id=result.mlflow_run_id,
+                              tracking_uri=result.tracking_uri)
+    return out.metrics
+
+
+class Evaluator:
+    """The actor's body (wrapped by ``ray.remote`` in :func:`start_evaluator`)."""
+
+    def __init__(self, shards: str, eval_cfg: EvalConfig | None, stage_dir: str | None = None,
+                 run_id: str | None = None, tracking_uri: str | None = None, max_pending: int = 2,
+                 service_kwargs: dict[str, Any] | None = None):
+        self.shards, self.eval_cfg = shards, eval_cfg
+        self.run_id, self.tracking_uri, self.max_pending = run_id, tracking_uri, max_pending
+        self.kwargs = service_kwargs or {}
+        self.stage = Path(stage_dir or tempfile.mkdtemp(prefix="vid2vid-eval-"))
+        self.pending: list[dict[str, Any]] = []
+        self.results: list[EvalResult] = []
+        self.errors: list[str] = []
+        self.busy = False
+        self.cond = threading.Condition()
+        threading.Thread(target=self._loop, daemon=True, name="vid2vid-evaluator").start()
+
+    def submit(self, checkpoint_dir: str, step: int | None = None) -> bool:
+        """Stage the checkpoint and queue it; returns without evaluating (False if it was unusable)."""
+        src = Path(checkpoint_dir)
+        try:
+            cfg = load_config(src)
+            weights_path(src, "generator")  # fails now, naming the file, rather than in the queue
+            step = checkpoint_step(src, step)
+            target = resolve_target(src, cfg, self.run_id, self.tracking_uri)
+            staged = self.stage / f"{src.name}-{time.monotonic_ns()}"
+            for name in STAGED:
+                if (src / name).is_file():
+                    (staged / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src / name, staged / name)
+        except Exception as exc:  # noqa: BLE001 - one bad checkpoint must not stop the evaluator
+            self._error(f"{checkpoint_dir}: not evaluated: {exc}")
+            return False
+        job = {"dir": staged, "source": str(src), "step": step, "target": target}
+        with self.cond:
+            self.pending.append(job)
+            while len(self.pending) > self.max_pending:
+                dropped = self.pending.pop(0)
+                log.warning("evaluator behind training: skipping checkpoint %s", dropped["source"])
+                shutil.rmtree(dropped["dir"], ignore_errors=True)
+            self.cond.notify_all()
+        return True
+
+    def report(self) -> dict[str, Any]:
+        """Results and errors so far; ``idle`` when nothing is queued or running."""
+        with self.cond:
+            return {"results": list(self.results), "errors": list(self.errors), "pending": len(self.pending),
+                    "idle": not (self.pending or self.busy)}
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending:
+                    self.cond.wait()
+                job = self.pending.pop(0)
+                self.busy = True
+            try:
+                t = job["target"]
+                res = evaluate_checkpoint(job["dir"], self.shards, self.eval_cfg, step=job["step"], run_id=t.run_id,
+                                          tracking_uri=t.tracking_uri, run_dir=t.run_dir, **self.kwargs)
+                with self.cond:
+                    self.results.append(res)
+            except Exception as exc:  # noqa: BLE001 - logged; the next checkpoint is still evaluated
+                self._error(f"{job['source']}: evaluation failed: {type(exc).__name__}: {exc}")
+            finally:
+                shutil.rmtree(job["dir"], ignore_errors=True)
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
+
+    def _error(self, msg: str) -> None:
+        log.error(msg)
+        with self.cond:
+            self.errors.append(msg)
+
+
+class EvaluatorHandle:
+    """Driver-side handle. The actor runs one method at a time, in the order each caller sent them
+    (every method is quick: evaluation runs on the actor's own thread), so a ``wait`` sent after a
+    ``submit`` always sees that checkpoint."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def submit(self, checkpoint_dir: str | Path, step: int | None = None):
+        """Queue a checkpoint; returns an ObjectRef at once (``ray.get`` it for the staging outcome)."""
+        return self.actor.submit.remote(str(checkpoint_dir), step)
+
+    def wait(self, timeout_s: float | None = None, poll_s: float = 0.5) -> list[EvalResult]:
+        """Block until every queued checkpoint is evaluated (or ``timeout_s``); all results so far."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not (rep := self.report())["idle"] and (deadline is None or time.monotonic() < deadline):
+            time.sleep(poll_s)
+        return rep["results"]
+
+    def report(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.actor.report.remote())
+
+    def callback(self):
+        """A ``ray.train.UserCallback`` forwarding each persisted checkpoint to this evaluator."""
+        return make_callback(self.actor)
+
+
+def make_callback(actor):
+    import ray.train
+
+    class EvaluationCallback(ray.train.UserCallback):
+        def __init__(self, actor):
+            self.actor = actor
+
+        def after_report(self, run_context, metrics, checkpoint):
+            import ray
+
+            if checkpoint is None:
+                return
+            step = (metrics[0] if metrics else {}).get("step")
+            ref = self.actor.submit.remote(checkpoint.path, None if step is None else int(step))
+            # Wait for the staging copy only (not the evaluation): once train() returns, every
+            # checkpoint is queued, so the driver's evaluator.wait() cannot miss the last one.
+            try:
+                ray.get(ref, timeout=STAGE_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                log.warning("evaluator: staging %s takes over %d s; not waiting for it", checkpoint.path,
+                            STAGE_TIMEOUT_S)
+
+    return EvaluationCallback(actor)
+
+
+def start_evaluator(cfg: Config, shards: str | Path, run_id: str | None = None, tracking_uri: str | None = None,
+                    max_pending: int = 2, **service_kwargs) -> EvaluatorHandle:
+    """Start the evaluator actor (no CPU reserved: its Ray Data pools reserve their own resources).
+
+    ``service_kwargs`` go to :func:`evaluate_checkpoint` (``actors``, ``cpus_per_actor``, ...).
+    """
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0)(Evaluator)
+    actor = actor_cls.remote(str(Path(shards).resolve()), cfg.eval, None, run_id, tracking_uri, max_pending,
+                             service_kwargs)
+    return EvaluatorHandle(actor)
+
+
+def evaluate_command(args: list[str]) -> int:
+    """``vid2vid evaluate checkpoint=DIR shards=DIR [step=N] [run_id=ID] [tracking_uri=URI] [eval.KEY=V]``.
+
+    Other ``key=value`` arguments override the checkpoint's own config; bare keys are ``eval`` keys
+    (``i3d_weights=...`` means ``eval.i3d_weights=...``).
+    """
+    from vid2vid.platform.trainer import ensure_ray
+
+    opts = {"checkpoint": None, "shards": None, "step": None, "run_id": None, "tracking_uri": None}
+    overrides = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in opts:
+            opts[key] = value
+        else:
+            overrides.append(arg if "." in key else f"eval.{arg}")
+    if not opts["checkpoint"] or not opts["shards"]:
+        print("vid2vid evaluate: checkpoint=DIR and shards=DIR are required")
+        return 2
+    cfg = apply_mapping(load_config(opts["checkpoint"]), parse_overrides(overrides))
+    ensure_ray()
+    res = evaluate_checkpoint(opts["checkpoint"], opts["shards"], cfg.eval,
+                              step=None if opts["step"] is None else int(opts["step"]),
+                              run_id=opts["run_id"], tracking_uri=opts["tracking_uri"])
+    print(format_result(res))
+    return 0
+
+
+def format_result(res: EvalResult) -> str:
+    lines = [f"evaluation at step {res.step}: {res.num_clips} clips x {res.clip_frames} frames, "
+             f"{res.split} split, {res.seconds:.1f} s",
+             *(f"  {k:<32} {v:.6g}" for k, v in sorted(res.metrics.items())),
+             *(f"  not computed: {k}: {why}" for k, why in sorted(res.skipped.items())),
+             f"  MLflow run {res.run_id} at {res.tracking_uri}"]
+    return "\n".join(lines)
