@@ -51,7 +51,8 @@ def test_colocated_and_split_agree_on_first_step_losses(shards, tmp_path):
     # Metrics are in MLflow, found with search_runs, and the run has its params and a sample video.
     for result in runs.values():
         mlflow.set_tracking_uri(result.tracking_uri)
-        found = mlflow.search_runs(experiment_names=["vid2vid"], filter_string=f"tags.mlflow.runName = '{result.run_name}'")
+        found = mlflow.search_runs(experiment_names=["vid2vid"],
+                                   filter_string=f"tags.mlflow.runName = '{result.run_name}'")
         assert len(found) == 1 and found["metrics.G/total"].notna().all()
         assert found["params.model.ngf"].iloc[0] == "16"
         artifacts = mlflow.tracking.MlflowClient(result.tracking_uri).list_artifacts(result.mlflow_run_id, "samples")

@@ -56,8 +56,16 @@ def run_experiment(argv: list[str], default_preset: str) -> ExperimentResult:
     cfg = load_config(args)
     ensure_ray()
     shards = ensure_shards(cfg)
-    result = train(cfg, shards)
-    metrics = evaluate_checkpoint(cfg, result, shards)
+    if cfg.eval.during_training:  # an evaluator actor fed every checkpoint; training never waits for it
+        from vid2vid.platform.evaluation import start_evaluator
+
+        evaluator = start_evaluator(cfg, shards)
+        result = train(cfg, shards, callbacks=[evaluator.callback()])
+        results = evaluator.wait()
+        metrics = dict(results[-1].metrics) if results else {}
+    else:
+        result = train(cfg, shards)
+        metrics = evaluate_checkpoint(cfg, result, shards)
     samples = sorted((Path(cfg.train.run_dir).resolve() / "samples" / result.run_name).glob("*.mp4"))
     print_summary(cfg, result, samples, metrics)
     return ExperimentResult(result, shards, samples, metrics)

@@ -63,7 +63,7 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = None,
-          parent_run_id: str | None = None) -> TrainResult:
+          parent_run_id: str | None = None, callbacks: list | None = None) -> TrainResult:
     """Train on prepared shards; everything lands in MLflow and in ``<run_dir>/ray/<run_name>``."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -108,7 +108,7 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or None),
         datasets={"train": training_dataset(shards, split="train", shuffle_seed=cfg.train.seed)},
         dataset_config=placement_data_config(cfg.train.placement, cfg.train.num_workers),
     )
