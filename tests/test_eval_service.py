@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import mlflow
@@ -23,7 +22,7 @@ from vid2vid.datasets.prepare import prepare
 from vid2vid.datasets.shards import ShardError, iter_clips
 from vid2vid.eval.clips import choose_split, encode_segment, plan_clips, read_segment, to_uint8_frames, warp_terms
 from vid2vid.eval.extract import ExtractFeatures, feature_columns, frames_to_input
-from vid2vid.eval.feature_nets import build_feature_net, load_feature_net, public_checkpoint, save_random_weights
+from vid2vid.eval.feature_nets import load_feature_net, save_random_weights
 from vid2vid.eval.frechet import StreamingStats
 from vid2vid.eval.preprocess import preprocess_clips
 from vid2vid.eval.service import _resources, checkpoint_step, evaluate_checkpoint, resolve_target, select_nets
@@ -45,20 +44,8 @@ def shards(ray_cluster, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def i3d_weights(tmp_path_factory) -> Path:
-    """Random I3D weights in the public format, marked random, whose features depend on the input.
-
-    ``save_random_weights``' I3D (uniform +-1/sqrt(fan_in)) shrinks the signal at every layer: its
-    pooled features differ by ~1e-6 between any two clips, so its FID is ~1e-10 whatever the clips,
-    and a mix-up of real and generated clips would pass unseen. He-scaled convolutions keep it.
-    """
-    path = save_random_weights("i3d", tmp_path_factory.mktemp("weights") / "rgb_imagenet.pt")
-    net, gen = build_feature_net("i3d"), torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv3d):
-                m.weight.normal_(0, math.sqrt(2 / m.weight[0].numel()), generator=gen)
-    torch.save(public_checkpoint("i3d", net), path)
-    return path
+    """Random I3D weights in the public format, marked random (He-scaled: features depend on the input)."""
+    return save_random_weights("i3d", tmp_path_factory.mktemp("weights") / "rgb_imagenet.pt")
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,10 @@ def test_ray_job_submit_runs_the_smoke_experiment_to_success(tmp_path):
     dash = free_port()
     start = subprocess.run(
         [str(RAY), "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # the suite's own Ray holds the default agent ports: give this cluster's agents free ones
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, capture_output=True, text=True, timeout=180)
     try:
         assert start.returncode == 0, start.stderr[-3000:]
@@ -53,9 +56,10 @@ def test_ray_job_submit_runs_the_smoke_experiment_to_success(tmp_path):
                sys.executable, "experiments/cityscapes.py", "preset=smoke", f"data.out={tmp_path / 'shards'}",
                f"train.run_dir={tmp_path / 'runs'}", "train.max_steps=2", "data.synthetic_sequences=2",
                "data.synthetic_frames=8", "data.clip_len=4"]
-        for _ in range(30):  # the job agent comes up a few seconds after `ray start` returns
+        deadline = time.monotonic() + 120
+        while True:  # the job agent comes up a few seconds after `ray start` returns
             job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
-            if "No available agent" not in job.stderr:
+            if "No available agent" not in job.stderr or time.monotonic() > deadline:
                 break
             time.sleep(2)
         log = job.stdout + job.stderr

@@ -209,7 +209,11 @@ def training_dataset(out: str | Path, split: str = "train", shuffle_seed: int | 
     ds = ray.data.from_items(refs)
     if shuffle:
         ds = ds.random_shuffle(seed=shuffle_seed)
-    return ds.map_batches(_read_rows, batch_size=1, batch_format="numpy", fn_kwargs={"columns": columns})
+    ds = ds.map_batches(_read_rows, batch_size=1, batch_format="numpy", fn_kwargs={"columns": columns})
+    if shuffle_seed is not None or not shuffle:
+        # a fixed order must survive parallel reads, which otherwise finish (and yield) in any order
+        ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def iter_clips(out: str | Path, split: str = "train"):

@@ -213,15 +213,22 @@ def load_feature_net(name: str, weights_path: str | Path | None,
 # ------------------------------------------------------------------------------------------------
 
 
-def _randomise(net: nn.Module, seed: int) -> None:
-    """Default init plus non-trivial BatchNorm statistics, so a loader that dropped running stats or
-    affine parameters would change the features (tests can tell)."""
+def _randomise(net: nn.Module, seed: int, he_scaled: bool = False) -> None:
+    """Random weights plus non-trivial BatchNorm statistics, so a loader that dropped running stats or
+    affine parameters would change the features (tests can tell).
+
+    ``he_scaled``: N(0, 2/fan_in) convolutions. Uniform +-1/sqrt(fan_in) keeps ResNeXt's 100+ residual
+    layers finite, but in the plain 22-layer I3D it shrinks the signal until every clip gets the same
+    features (FID ~1e-10 whatever the input), so I3D's random weights are He-scaled."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, nn.Conv3d | nn.Linear):
-                bound = 1.0 / math.sqrt(module.weight[0].numel())  # fan_in; keeps 100+ layers finite
-                module.weight.uniform_(-bound, bound, generator=gen)
+                bound = 1.0 / math.sqrt(module.weight[0].numel())
+                if he_scaled and isinstance(module, nn.Conv3d):
+                    module.weight.normal_(0.0, math.sqrt(2.0) * bound, generator=gen)
+                else:
+                    module.weight.uniform_(-bound, bound, generator=gen)
                 if module.bias is not None:
                     module.bias.uniform_(-bound, bound, generator=gen)
             elif isinstance(module, nn.BatchNorm3d):
@@ -249,7 +256,7 @@ def save_random_weights(name: str, path: str | Path, seed: int = 0) -> Path:
     """TEST ONLY: write seeded random weights for ``name`` in its public format, plus the sidecar
     marker that makes every metric from them carry the ``random_weights/`` prefix."""
     net = build_feature_net(name)
-    _randomise(net, seed)
+    _randomise(net, seed, he_scaled=name == "i3d")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(public_checkpoint(name, net), path)
