@@ -8,6 +8,7 @@ keys without the prefix (``vid2vid prepare source=... clip_len=30`` means ``data
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -47,66 +48,34 @@ def cmd_prepare(args: list[str]) -> int:
     return 0
 
 
-def cmd_sweep(args: list[str]) -> int:
-    from vid2vid.platform.sweep import main
-
-    return main(args)
-
-
-def cmd_ab_pairs(args: list[str]) -> int:
-    from vid2vid.abtest import main_pairs
-
-    return main_pairs(args)
-
-
-def cmd_ab_score(args: list[str]) -> int:
-    from vid2vid.abtest import main_score
-
-    return main_score(args)
-
-
-def cmd_evaluate(args: list[str]) -> int:
-    from vid2vid.platform.evaluation import evaluate_command
-
-    return evaluate_command(args)
-
-
-def cmd_generate(args: list[str]) -> int:
-    from vid2vid.generate.commands import generate_command
-
-    return generate_command(args)
-
-
-def cmd_fit_styles(args: list[str]) -> int:
-    from vid2vid.generate.commands import fit_styles_command
-
-    return fit_styles_command(args)
-
-
-def cmd_predict(args: list[str]) -> int:
-    from vid2vid.generate.commands import predict_command
-
-    return predict_command(args)
-
-
-def cmd_predict_train(args: list[str]) -> int:
-    from vid2vid.generate.commands import predict_train_command
-
-    return predict_train_command(args)
-
-
-COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+# name -> (handler, help). A handler is a function here or "module:function" imported on use, so
+# `vid2vid --help` does not pay for importing Ray, torch and MLflow.
+COMMANDS: dict[str, tuple[Callable[[list[str]], int] | str, str]] = {
     "model-summary": (cmd_model_summary, "print parameters per sub-network of a preset's model"),
     "prepare": (cmd_prepare, "prepare clips into Parquet shards with ground-truth flow (Ray Data)"),
-    "generate": (cmd_generate, "render a label folder, video or shards to mp4 from a checkpoint (any length)"),
-    "fit-styles": (cmd_fit_styles, "fit per-class Gaussian mixtures of encoder features for style sampling"),
-    "predict": (cmd_predict, "predict future label maps and render them with vid2vid"),
-    "predict-train": (cmd_predict_train, "train the baseline future label-map predictor on shards"),
-    "evaluate": (cmd_evaluate, "video FID (I3D, ResNeXt), FVD and warping error of a checkpoint, into its MLflow run"),
-    "sweep": (cmd_sweep, "Ray Tune ablation sweep (variants x seeds x grid), one MLflow child run per trial"),
-    "ab-pairs": (cmd_ab_pairs, "export blinded, randomised side-by-side A/B video pairs plus an answer key"),
-    "ab-score": (cmd_ab_score, "A/B preference rates with 95% intervals (Wilson; bootstrap over pairs)"),
+    "generate": ("vid2vid.generate.commands:generate_command",
+                 "render a label folder, video or shards to mp4 from a checkpoint (any length)"),
+    "fit-styles": ("vid2vid.generate.commands:fit_styles_command",
+                   "fit per-class Gaussian mixtures of encoder features for style sampling"),
+    "predict": ("vid2vid.generate.commands:predict_command", "predict future label maps and render them with vid2vid"),
+    "predict-train": ("vid2vid.generate.commands:predict_train_command",
+                      "train the baseline future label-map predictor on shards"),
+    "evaluate": ("vid2vid.platform.evaluation:evaluate_command",
+                 "video FID (I3D, ResNeXt), FVD and warping error of a checkpoint, into its MLflow run"),
+    "sweep": ("vid2vid.platform.sweep:main",
+              "Ray Tune ablation sweep (variants x seeds x grid), one MLflow child run per trial"),
+    "ab-pairs": ("vid2vid.abtest:main_pairs",
+                 "export blinded, randomised side-by-side A/B video pairs plus an answer key"),
+    "ab-score": ("vid2vid.abtest:main_score", "A/B preference rates with 95% intervals (Wilson; bootstrap over pairs)"),
 }
+
+
+def _handler(name: str) -> Callable[[list[str]], int]:
+    handler = COMMANDS[name][0]
+    if isinstance(handler, str):
+        module, _, func = handler.partition(":")
+        handler = getattr(importlib.import_module(module), func)
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[ns.command][0](ns.overrides)
+        return _handler(ns.command)(ns.overrides)
     except ConfigError as exc:
         print(f"vid2vid {ns.command}: config error: {exc}", file=sys.stderr)
         return 2

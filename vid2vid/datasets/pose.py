@@ -38,12 +38,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from vid2vid.datasets.face import FACE_PARTS, crop_resize, files_by_stem, good_runs, run_name, to_window
 from vid2vid.datasets.labels import BadInput, compact_instances
 from vid2vid.datasets.sources import (
-    _UNREADABLE,
     IMAGE_EXTS,
     FrameBlock,
     Listing,
@@ -55,6 +53,7 @@ from vid2vid.datasets.sources import (
     _single_split,
     _subdirs,
     decode_image,
+    load_image,
 )
 
 DENSEPOSE, OPENPOSE, IMAGES, INSTANCES = "pose_maps-densepose", "poses-openpose", "images", "human_instance_maps"
@@ -143,19 +142,8 @@ def main_person(people: list[Person]) -> Person:
 
 def read_densepose(path: str, frame: int) -> np.ndarray:
     """(H, W, 3) uint8 IUV map; rejects maps that are not RGB or hold a part index above 24."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("RGB", "RGBA"):
-                raise BadInput(path, f"DensePose map has mode {im.mode}; expected an RGB IUV map "
-                                     "(U, V, part index)", frame)
-            iuv = np.asarray(im.convert("RGB"))
-    except BadInput:
-        raise
-    except _UNREADABLE as err:
-        raise BadInput(path, f"unreadable path: {type(err).__name__}: {err.strerror}", frame) from None
-    except Exception as err:
-        raise BadInput(path, f"cannot decode image: {type(err).__name__}: {err}", frame) from None
+    iuv = load_image(path, frame, ("RGB", "RGBA"), "DensePose map", "an RGB IUV map (U, V, part index)",
+                     convert="RGB")
     top = int(iuv[..., 2].max()) if iuv.size else 0
     if top > NUM_PARTS:
         raise BadInput(path, f"DensePose part index {top} > {NUM_PARTS} in the third channel: not an IUV map", frame)

@@ -154,26 +154,30 @@ def _header_size(path: str, frame: int) -> tuple[int, int]:
         raise BadInput(path, f"cannot read image header: {err}", frame) from None
 
 
-def decode_image(path: str, frame: int, kind: str) -> np.ndarray:
-    """Fully decode one file (PIL is strict: truncated or corrupt data raises, never half an image).
-
-    ``kind``: ``rgb`` -> HxWx3 uint8; ``label`` -> HxW uint8 ids; ``instance`` -> HxW ids (any int).
-    """
+def load_image(path: str, frame: int, modes: tuple[str, ...] | None, what: str, expected: str,
+               convert: str | None = None) -> np.ndarray:
+    """Fully decode one file (PIL is strict: truncated or corrupt data raises, never half an image);
+    any failure, or a mode outside ``modes``, is a :class:`BadInput` naming the file and frame."""
     try:
         with Image.open(path) as im:
             im.load()
-            if kind == "rgb":
-                return np.asarray(im.convert("RGB"))
-            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
-                raise BadInput(path, f"{kind} map has mode {im.mode}; expected single-channel ids "
-                                     "(e.g. Cityscapes labelIds, not the colour images)", frame)
-            arr = np.asarray(im)
+            if modes is not None and im.mode not in modes:
+                raise BadInput(path, f"{what} has mode {im.mode}; expected {expected}", frame)
+            return np.asarray(im.convert(convert) if convert else im)
     except BadInput:
         raise
     except _UNREADABLE as err:
         raise BadInput(path, f"unreadable path: {type(err).__name__}: {err.strerror}", frame) from None
     except Exception as err:
         raise BadInput(path, f"cannot decode image: {type(err).__name__}: {err}", frame) from None
+
+
+def decode_image(path: str, frame: int, kind: str) -> np.ndarray:
+    """``kind``: ``rgb`` -> HxWx3 uint8; ``label`` -> HxW uint8 ids; ``instance`` -> HxW ids (any int)."""
+    if kind == "rgb":
+        return load_image(path, frame, None, "image", "", convert="RGB")
+    arr = load_image(path, frame, ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"), f"{kind} map",
+                     "single-channel ids (e.g. Cityscapes labelIds, not the colour images)")
     if kind == "label" and arr.dtype != np.uint8:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise BadInput(path, f"label ids up to {arr.max()} do not fit uint8", frame)
