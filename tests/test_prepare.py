@@ -41,17 +41,18 @@ def link_subset(sample: Path, dst: Path, spec: dict[str, tuple[list[str], int]])
 
 
 def test_cityscapes_sample(tmp_path, sample_data, ray_cluster):
+    """At the acceptance resolution, 512x256 (a factor 4 below the 2048x1024 sample)."""
     sample = sample_data / "cityscapes_sample"
     root, out = tmp_path / "data", tmp_path / "out"
     link_subset(sample, root, {"train": (["seq0000", "seq0002"], 8), "test": (["stuttgart_00"], 4)})
-    cfg = DataConfig(source=str(root), split="all", out=str(out), resolution="128x64", clip_len=4)
+    cfg = DataConfig(source=str(root), split="all", out=str(out), resolution="512x256", clip_len=4)
     summary = prepare(cfg, progress=False)
     assert summary.clips == {"test": 1, "train": 4} and summary.written == summary.clips
     assert summary.rejected == [] and summary.frames == 2 * 8 + 4
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema_version"] == shards.SCHEMA_VERSION and manifest["source_kind"] == "vid2vid"
-    assert manifest["label_nc"] == 35 and manifest["resolution"] == [128, 64] and manifest["clip_len"] == 4
+    assert manifest["label_nc"] == 35 and manifest["resolution"] == [512, 256] and manifest["clip_len"] == 4
     assert manifest["splits"]["train"] == {"clips": 4, "sequences": 2, "has_frames": True}
     assert manifest["splits"]["test"] == {"clips": 1, "sequences": 1, "has_frames": False}
     assert manifest["flow"]["estimator"] == "dis" and manifest["rejected"] == []
@@ -64,11 +65,11 @@ def test_cityscapes_sample(tmp_path, sample_data, ray_cluster):
         frames = ((clip.frames[0].permute(0, 2, 3, 1).numpy() + 1) * 127.5).round()
         for t, stem in enumerate(stems):
             src = np.asarray(Image.open(root / "train_B" / seq / f"{stem}.jpg").convert("RGB"), np.float64)
-            box = src.reshape(64, 16, 128, 16, 3).mean(axis=(1, 3))  # area resize, integer factor 16
+            box = src.reshape(256, 4, 512, 4, 3).mean(axis=(1, 3))  # area resize, integer factor 4
             assert np.abs(frames[t] - box).max() <= 1.0
-            lab = centre_nearest(np.asarray(Image.open(root / "train_A" / seq / f"{stem}.png")), 128, 64)
+            lab = centre_nearest(np.asarray(Image.open(root / "train_A" / seq / f"{stem}.png")), 512, 256)
             np.testing.assert_array_equal(clip.labels[0, t].numpy(), lab)  # ids preserved exactly
-            inst = centre_nearest(np.asarray(Image.open(root / "train_inst" / seq / f"{stem}.png")), 128, 64)
+            inst = centre_nearest(np.asarray(Image.open(root / "train_inst" / seq / f"{stem}.png")), 512, 256)
             np.testing.assert_array_equal(clip.instance_edges[0, t].numpy(), instance_edges(inst))
         # flow is backward: warping frame t-1 with flow[t] must explain frame t better than frame t-1
         flow = clip.flow[0].permute(0, 2, 3, 1).numpy()
@@ -81,7 +82,7 @@ def test_cityscapes_sample(tmp_path, sample_data, ray_cluster):
             assert err < 0.7 * still, (seq, t, err, still)
 
     (test_clip,) = list(shards.iter_clips(out, "test"))
-    assert test_clip.frames is None and test_clip.labels.shape == (1, 4, 64, 128)
+    assert test_clip.frames is None and test_clip.labels.shape == (1, 4, 256, 512)
 
     # idempotent: a re-run keeps complete shards untouched; overwrite rewrites them
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
