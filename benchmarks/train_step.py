@@ -1,4 +1,4 @@
-"""One full vid2vid G+D training step (all losses) at 256x128 on this machine's CPU (or GPU).
+"""One full vid2vid G+D training step (all losses) on this machine's CPU (or GPU, fp32 and bf16).
 
 Prints the step's FLOPs (counted by torch's FlopCounterMode, forward + backward), its achieved
 GFLOP/s, and the ratio to a dense 3x3 convolution (forward + backward) measured in the same run, so
@@ -6,6 +6,10 @@ the number says how far the whole step is from the machine's convolution through
 
     .venv/bin/python benchmarks/train_step.py                 # reference single-GPU 256 model
     .venv/bin/python benchmarks/train_step.py model.ngf=32 frames=2
+    python benchmarks/train_step.py preset=cityscapes_512 size=512x256 frames=6   # on a GPU
+
+On a GPU it runs fp32 and bf16 autocast side by side (``precision=both``, the default there) and
+prints the speed-up; TF32 stays at PyTorch's defaults (off for matmuls, on for cuDNN convolutions).
 
 The VGG term uses random weights saved in torchvision's format: the benchmark times the computation
 and never reports a loss value.
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vid2vid.config import ModelConfig, apply_mapping, parse_overrides
+from vid2vid.config import ModelConfig, TrainConfig, apply_mapping, load_preset, parse_overrides
 from vid2vid.datasets.labels import instance_edges
 from vid2vid.datasets.shards import Clip
 from vid2vid.datasets.synthetic import make_sequence
@@ -31,6 +35,7 @@ from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.objective import Objective
 from vid2vid.models.vgg import VGG19
 from vid2vid.models.vid2vid import GeneratorSide
+from vid2vid.platform.engines import forward_precision
 from vid2vid.platform.step import PlainEngine, colocated_step
 
 # Reference scripts/street/train_g1_256.sh: ngf 128, 2 downsamplings, 9 blocks, one D scale.
@@ -70,9 +75,14 @@ def main(argv: list[str]) -> None:
     overrides = parse_overrides(argv)
     frames = int(overrides.pop("frames", 4))
     repeats = int(overrides.pop("repeats", 3))
-    width, height = 256, 128
+    width, height = (int(v) for v in str(overrides.pop("size", "256x128")).split("x"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = apply_mapping(ModelConfig(), {**DEFAULTS, **{k.removeprefix("model."): v for k, v in overrides.items()}})
+    precisions = str(overrides.pop("precision", "both" if device.type == "cuda" else "fp32"))
+    precisions = ["fp32", "bf16"] if precisions == "both" else [precisions]
+    model = dict(DEFAULTS)
+    if "preset" in overrides:
+        model = load_preset(str(overrides.pop("preset"))).get("model", {})
+    cfg = apply_mapping(ModelConfig(), {**model, **{k.removeprefix("model."): v for k, v in overrides.items()}})
     with tempfile.TemporaryDirectory() as tmp:
         vgg_path = Path(tmp) / "vgg19_random.pth"
         torch.save({f"features.{k}": v for k, v in VGG19().features.state_dict().items()}, vgg_path)
@@ -84,26 +94,39 @@ def main(argv: list[str]) -> None:
     de = PlainEngine(d, torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999)))
     clip = synthetic_clip(width, height, frames, device)
     rng = torch.Generator().manual_seed(0)
-
-    def train_step():
-        return colocated_step(ge, de, objective, cfg, clip, frames, rng)
-
     conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device)
     x = torch.randn(8, 256, height // 4, width // 4, device=device, requires_grad=True)
-
-    def conv_step():
-        conv(x).sum().backward()
-
-    step_flops, conv_flops = count_flops(train_step), count_flops(conv_step)
-    step_s, conv_s = timed(train_step, repeats), timed(conv_step, repeats * 3)
-    step_rate, conv_rate = step_flops / step_s / 1e9, conv_flops / conv_s / 1e9
     n_params = sum(p.numel() for p in g.parameters()) + sum(p.numel() for p in d.parameters())
     print(f"device {device}, threads {torch.get_num_threads()}, {width}x{height}, {frames} frames/step, "
           f"ngf {cfg.ngf}, params {n_params / 1e6:.1f}M")
-    print(f"train step : {step_s:8.3f} s  {step_flops / 1e9:9.1f} GFLOP  {step_rate:7.1f} GFLOP/s  "
-          f"({frames / step_s:.2f} frames/s)")
-    print(f"dense conv : {conv_s:8.3f} s  {conv_flops / 1e9:9.1f} GFLOP  {conv_rate:7.1f} GFLOP/s")
-    print(f"ratio train-step / dense-conv throughput: {step_rate / conv_rate:.2f}")
+
+    rates = {}
+    for precision in precisions:
+        ctx = forward_precision(TrainConfig(precision=precision), device)
+
+        def train_step(ctx=ctx):
+            return colocated_step(ge, de, objective, cfg, clip, frames, rng, precision=ctx)
+
+        def conv_step(ctx=ctx):
+            with ctx():
+                y = conv(x)
+            y.float().sum().backward()
+
+        if precision == precisions[0]:
+            step_flops, conv_flops = count_flops(train_step), count_flops(conv_step)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step_s, conv_s = timed(train_step, repeats), timed(conv_step, repeats * 3)
+        step_rate, conv_rate = step_flops / step_s / 1e9, conv_flops / conv_s / 1e9
+        rates[precision] = frames / step_s
+        memory = (f"  peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                  if device.type == "cuda" else "")
+        print(f"[{precision}] train step : {step_s:8.3f} s  {step_flops / 1e9:9.1f} GFLOP  {step_rate:9.1f} GFLOP/s  "
+              f"({frames / step_s:.2f} frames/s){memory}")
+        print(f"[{precision}] dense conv : {conv_s:8.3f} s  {conv_flops / 1e9:9.1f} GFLOP  {conv_rate:9.1f} GFLOP/s")
+        print(f"[{precision}] ratio train-step / dense-conv throughput: {step_rate / conv_rate:.2f}")
+    if len(rates) == 2:
+        print(f"bf16 / fp32 train-step speed-up: {rates['bf16'] / rates['fp32']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from vid2vid.platform.checkpoint import read_checkpoint, write_checkpoint
 from vid2vid.platform.engines import (
     build_engine,
     deepspeed_config,
+    forward_precision,
     frozen,
     get_lr,
     rebuild_optimizer,
@@ -126,13 +127,27 @@ def test_deepspeed_config_follows_train_config():
     c = deepspeed_config(cfg, 4, on_gpu=False)
     assert c["train_batch_size"] == 8 and c["train_micro_batch_size_per_gpu"] == 2
     assert c["zero_optimization"]["stage"] == 2 and c["gradient_clipping"] == 0.5
-    assert not c["bf16"]["enabled"] and c["steps_per_print"] >= 10**6
-    assert deepspeed_config(cfg, 4, on_gpu=True)["bf16"]["enabled"]
-    assert not deepspeed_config(TrainConfig(precision="fp32"), 1, on_gpu=True)["bf16"]["enabled"]
+    assert c["steps_per_print"] >= 10**6
+    # bf16 is torch autocast inside the engines (fp32 weights and all-reduce), on GPU only.
+    gpu = deepspeed_config(cfg, 4, on_gpu=True)
+    assert not c["bf16"]["enabled"] and not gpu["bf16"]["enabled"] and not c["torch_autocast"]["enabled"]
+    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert not deepspeed_config(TrainConfig(precision="fp32"), 1, on_gpu=True)["torch_autocast"]["enabled"]
     with pytest.raises(ValueError, match="zero_stage"):
         deepspeed_config(TrainConfig(zero_stage=3), 1, on_gpu=False)
     with pytest.raises(ValueError, match="needs a GPU"):
         deepspeed_config(TrainConfig(precision="bf16"), 1, on_gpu=False)
+
+
+def test_forward_precision_is_bf16_autocast_on_gpu_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert forward_precision(TrainConfig(precision="auto"), cpu) is contextlib.nullcontext
+    assert forward_precision(TrainConfig(precision="fp32"), gpu) is contextlib.nullcontext
+    for precision in ("auto", "bf16"):
+        ctx = forward_precision(TrainConfig(precision=precision), gpu)
+        assert ctx.func is torch.autocast and ctx.keywords == {"device_type": "cuda", "dtype": torch.bfloat16}
+    with pytest.raises(ValueError, match="precision=bf16 needs a GPU.*runs on cpu"):
+        forward_precision(TrainConfig(precision="bf16"), cpu)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

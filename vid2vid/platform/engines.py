@@ -13,8 +13,9 @@ only under two rules (see ``../shared/STACK.md``), which the train loop must fol
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +44,41 @@ def deepspeed_config(train_cfg: Any, world_size_of_group: int, on_gpu: bool) -> 
         raise ValueError(f"world_size_of_group must be >= 1, got {world_size_of_group}")
     if c.precision == "bf16" and not on_gpu:
         raise ValueError("train.precision=bf16 needs a GPU; use precision=auto (fp32 on CPU) or fp32")
-    bf16 = on_gpu and c.precision in ("auto", "bf16")
     return {
         "train_micro_batch_size_per_gpu": c.batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": c.batch_size * world_size_of_group,
         "gradient_clipping": float(c.grad_clip),
         "zero_optimization": {"stage": c.zero_stage},
-        "bf16": {"enabled": bf16},
+        # bf16 is torch autocast (the same as forward_precision's, which covers what runs outside
+        # the engines: bare D in G's step, the encoder, the objective), not DeepSpeed's bf16 mode:
+        # that one casts the module's weights, so every input and everything outside the engine
+        # (VGG, warping, the other side's frames) would have to be cast to match, and Adam would step
+        # bf16 weights. Autocast keeps fp32 weights and Adam states; no module is listed as
+        # lower-precision safe, so gradients are all-reduced in fp32 too.
+        "torch_autocast": {"enabled": uses_bf16_autocast(c, on_gpu), "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def uses_bf16_autocast(train_cfg: Any, on_gpu: bool) -> bool:
+    """bf16 autocast on a GPU unless ``train.precision=fp32``; never on CPU (slower than fp32 there)."""
+    return on_gpu and train_cfg.precision in ("auto", "bf16")
+
+
+def forward_precision(train_cfg: Any, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context factory for the forward passes of a step that run outside an engine's own forward
+    (which DeepSpeed wraps in its ``torch_autocast`` setting, the same choice)."""
+    if train_cfg.precision == "bf16" and device.type != "cuda":
+        raise ValueError(f"train.precision=bf16 needs a GPU, but this worker runs on {device}; "
+                         "use precision=auto (fp32 on CPU) or fp32")
+    if uses_bf16_autocast(train_cfg, device.type == "cuda"):
+        return functools.partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def build_engine(module: nn.Module, train_cfg: Any, lr: float, betas: tuple[float, float],

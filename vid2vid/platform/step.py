@@ -8,6 +8,8 @@ same code.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,22 +82,27 @@ def adversarial_inputs(cfg: ModelConfig, clip: Clip, seq: SequenceOutput,
 
 
 def colocated_step(g: Engine, d: Engine, objective: Objective, cfg: ModelConfig, clip: Clip,
-                   num_frames: int, rng: torch.Generator, image_frames: int = 1) -> StepResult:
+                   num_frames: int, rng: torch.Generator, image_frames: int = 1,
+                   precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> StepResult:
     """G step then D step with both sides on this rank.
 
     In the G step the discriminators are frozen and called as the bare module (not through their
     engine): that keeps the D engine's gradient hooks out of G's backward (DeepSpeed ZeRO-2 needs it).
+    ``precision`` wraps the forward passes only (bf16 autocast on GPU); backward runs outside it, as
+    autocast wants.
     """
-    seq = generate_for_training(g, cfg, clip, num_frames)
-    adv = adversarial_inputs(cfg, clip, seq, rng, image_frames)
-    with frozen(d.module):
-        judgement = d.module(adv)
-    g_terms = objective.generator_local(seq, clip.frames, clip.flow, clip.confidence)
-    g_terms = g_terms + objective.generator_adversarial(judgement)
+    with precision():
+        seq = generate_for_training(g, cfg, clip, num_frames)
+        adv = adversarial_inputs(cfg, clip, seq, rng, image_frames)
+        with frozen(d.module):
+            judgement = d.module(adv)
+        g_terms = objective.generator_local(seq, clip.frames, clip.flow, clip.confidence)
+        g_terms = g_terms + objective.generator_adversarial(judgement)
     g.backward(g_terms.total)
     g.step()
 
-    d_terms = objective.discriminator(d(adv.detached()))
+    with precision():
+        d_terms = objective.discriminator(d(adv.detached()))
     d.backward(d_terms.total)
     d.step()
     return StepResult(g_terms, d_terms, frames=seq.frames.shape[0] * seq.frames.shape[1], sequence=seq)

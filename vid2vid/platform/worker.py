@@ -9,11 +9,13 @@ Only generator ranks read data; they drive the schedule and tell their partner w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.objective import LossTerms, Objective
 from vid2vid.models.vid2vid import GeneratorSide
 from vid2vid.platform import handoff
-from vid2vid.platform.engines import build_engine, frozen, rebuild_optimizer, set_lr
+from vid2vid.platform.engines import build_engine, forward_precision, frozen, rebuild_optimizer, set_lr
 from vid2vid.platform.placement import Placement, make_groups, plan_placement
 from vid2vid.platform.schedule import ScheduleState, plan_epoch
 from vid2vid.platform.step import adversarial_inputs, colocated_step, generate_for_training
@@ -45,6 +47,7 @@ class WorkerContext:
     engines: dict[str, Any]
     objective: Objective
     mpu: Any
+    precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # bf16 autocast on GPU
     clip_len: int | None = None  # frames per prepared clip (the schedule's cap), from the manifest
     last_clip: Clip | None = None  # for the closing sample video
     last_step: int = 0
@@ -86,7 +89,8 @@ def setup(cfg: Config) -> WorkerContext:
         engines["generator"] = build_engine(g, cfg.train, cfg.train.lr, betas, groups["mpu"])
     if d is not None:
         engines["discriminator"] = build_engine(d, cfg.train, cfg.train.lr, betas, groups["mpu"])
-    return WorkerContext(cfg, rank, world, placement, device, engines, Objective(cfg.model).to(device), groups["mpu"])
+    return WorkerContext(cfg, rank, world, placement, device, engines, Objective(cfg.model).to(device), groups["mpu"],
+                         forward_precision(cfg.train, device))
 
 
 def restore(wc: WorkerContext) -> ScheduleState:
@@ -238,7 +242,7 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
                 g_terms, d_terms = split_generator_step(wc, clip, n, rng, partner)
             else:
                 result = colocated_step(wc.engines["generator"], wc.engines["discriminator"], wc.objective, cfg.model,
-                                        clip, n, rng)
+                                        clip, n, rng, precision=wc.precision)
                 g_terms, d_terms = result.generator, result.discriminator
             seconds = time.perf_counter() - t0
             state.step += 1
@@ -280,10 +284,12 @@ def _checkpoint_due(cfg: Config, step: int) -> bool:
 def split_generator_step(wc: WorkerContext, clip: Clip, n: int, rng: torch.Generator,
                          partner: int) -> tuple[LossTerms, LossTerms]:
     g, cfg = wc.engines["generator"], wc.cfg.model
-    seq = generate_for_training(g, cfg, clip, n)
-    adv = adversarial_inputs(cfg, clip, seq, rng)
+    with wc.precision():
+        seq = generate_for_training(g, cfg, clip, n)
+        adv = adversarial_inputs(cfg, clip, seq, rng)
     handoff.send_adversarial(adv, partner)
-    local = wc.objective.generator_local(seq, clip.frames, clip.flow, clip.confidence)
+    with wc.precision():
+        local = wc.objective.generator_local(seq, clip.frames, clip.flow, clip.confidence)
     grads = handoff.recv_tensors(partner, wc.device)
     fakes = [adv.fake] + ([adv.fake_raw] if adv.fake_raw is not None else [])
     # A surrogate whose gradient w.r.t. G's parameters is exactly that of local + adversarial losses:
@@ -319,12 +325,13 @@ def discriminator_loop(wc: WorkerContext, state: ScheduleState) -> ScheduleState
             current_epoch = control.epoch
         t0 = time.perf_counter()
         adv = handoff.recv_adversarial(partner, wc.device)
-        with frozen(d.module):
+        with frozen(d.module), wc.precision():
             g_adv = wc.objective.generator_adversarial(d.module(adv))
         leaves = [adv.fake] + ([adv.fake_raw] if adv.fake_raw is not None else [])
         grads = torch.autograd.grad(g_adv.total, leaves)
         handoff.send_tensors(list(grads), partner)  # G back-propagates while D takes its own step
-        d_terms = wc.objective.discriminator(d(adv.detached()))
+        with wc.precision():
+            d_terms = wc.objective.discriminator(d(adv.detached()))
         d.backward(d_terms.total)
         d.step()
         handoff.send_tensors([torch.stack(list(g_adv.terms.values())).detach(),
