@@ -15,6 +15,7 @@ from vid2vid.datasets import pose, shards
 from vid2vid.datasets.face import crop_resize
 from vid2vid.datasets.labels import BadInput
 from vid2vid.datasets.sources import SOURCES, detect_kind, make_source
+from vid2vid.models.face_crop import face_boxes
 
 SRC = (120, 90)  # synthetic source frames, W x H
 BODY = (50, 20, 70, 80)  # x0, y0, x1, y1 of the synthetic dancer
@@ -261,7 +262,9 @@ def test_pose_sample_prepares_trains_and_generates_a_video(tmp_path, sample_data
     assert clip.labels.shape == (1, 4, 6, 128, 64) and clip.labels.max() <= 1 and clip.labels[:, :, 3:].sum() > 0
     parts = clip.labels[:, :, 2] * 24  # stored as round(I * 255 / 24): the part index rounds back
     assert ((parts - parts.round()).abs() < 0.05).all() and 10 <= parts.max() <= 24
+    assert face_boxes(clip.labels[0], cfg.model.face_crop).found.all()  # the face discriminator sees the head
 
     result = train(cfg, cfg.data.out)
     assert result.metrics["step"] == 2 and np.isfinite(result.metrics["G/total"])
+    assert np.isfinite(result.metrics["G/face_gan"]) and np.isfinite(result.metrics["D/face"])
     assert generate_video(Path(result.checkpoint), Path(cfg.data.out), tmp_path / "pose.mp4") == (4, 128, 64)

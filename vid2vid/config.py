@@ -61,6 +61,8 @@ class ModelConfig:
     spectral_norm: bool = False
     n_frames_D: int = 3  # K frames seen by D_V
     n_scales_temporal: int = 2  # D_V at frame steps K**0, K**1, ...
+    face_discriminator: bool = False  # pose only: a PatchGAN on a crop around the head (DensePose parts)
+    face_crop: float = 0.25  # face crop side as a fraction of the frame height
     # --- losses (defaults: the reference values) ---------------------------------------------
     gan_mode: Literal["ls", "hinge"] = "ls"
     lambda_feat: float = 10.0  # discriminator feature matching
@@ -68,6 +70,7 @@ class ModelConfig:
     lambda_F: float = 10.0  # flow endpoint + flow warp (eq. 8)
     lambda_T: float = 10.0  # generated-frame warp loss
     lambda_mask: float = 0.0  # mask regulariser (pushes the mask towards the warped image)
+    lambda_face: float = 2.0  # face discriminator's GAN term for G (the reference's face_weight)
     vgg_weights: str | None = None  # path to torchvision VGG19 weights; None = VGG loss off
 
     @property
@@ -322,6 +325,12 @@ def validate(cfg: Any) -> None:
             raise ConfigError("model.fg_bg_prior: needs semantic labels (model.label_nc > 0)")
         if model.n_frames_D < 2:
             raise ConfigError("model.n_frames_D: D_V needs at least 2 frames")
+        if model.face_discriminator and (model.label_nc != 0 or model.input_nc < 3):
+            raise ConfigError("model.face_discriminator: needs the pose source (model.label_nc=0, model.input_nc=6: "
+                              "DensePose part index in channel 2 locates the head)")
+        if not 0 < model.face_crop <= 1:
+            raise ConfigError(f"model.face_crop: must be in (0, 1] (a fraction of the frame height), "
+                              f"got {model.face_crop}")
     if isinstance(cfg, (Config, DataConfig)):
         data = cfg.data if isinstance(cfg, Config) else cfg
         parse_resolution(data.resolution)

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from vid2vid.config import ModelConfig
 from vid2vid.datasets.sampling import sample_image_indices, sample_video_window, video_window_flows
-from vid2vid.models.discriminators import DiscriminatorOutput, ImageDiscriminator, VideoDiscriminator
+from vid2vid.models.discriminators import DiscriminatorOutput, ImageDiscriminator, VideoDiscriminator, face_num_D
+from vid2vid.models.face_crop import FaceBoxes, crop, face_boxes
 from vid2vid.models.vid2vid import SequenceOutput
 
 
@@ -45,6 +46,9 @@ class Judgement:
     image_raw_fake: DiscriminatorOutput | None
     video_real: list[DiscriminatorOutput | None]
     video_fake: list[DiscriminatorOutput | None]
+    face_real: DiscriminatorOutput | None = None
+    face_fake: DiscriminatorOutput | None = None
+    face_weight: float = 1.0  # 0 when no judged frame showed a head (the crops were then placeholders)
 
 
 def draw_adversarial_inputs(cfg: ModelConfig, sources: Tensor, real: Tensor, real_flows: Tensor,
@@ -89,17 +93,39 @@ def judge(d: DiscriminatorSide, adv: AdversarialInputs) -> Judgement:
         video_real.append(real_out)
         video_fake.append(fake_out)
     raw = image_parts[2] if len(image_parts) == 3 else None
-    return Judgement(image_parts[0], image_parts[1], raw, video_real, video_fake)
+    judgement = Judgement(image_parts[0], image_parts[1], raw, video_real, video_fake)
+    if d.face is not None:
+        judge_faces(d, sources, images[0], images[1], judgement)
+    return judgement
+
+
+def judge_faces(d: DiscriminatorSide, sources: Tensor, real: Tensor, fake: Tensor, judgement: Judgement) -> None:
+    """The face discriminator on the head crops of the frames D_I judged (final frames only).
+
+    Frames without a head are left out. When none shows one, every frame is judged anyway with weight
+    0, so the step's terms (and, in the split placement, the message layout) never change.
+    """
+    boxes = face_boxes(sources, d.cfg.face_crop)
+    keep = boxes.found.nonzero().flatten()
+    judgement.face_weight = 1.0 if keep.numel() else 0.0
+    if not keep.numel():
+        keep = torch.arange(sources.shape[0], device=sources.device)
+    kept = FaceBoxes(boxes.top_left[keep], boxes.side, boxes.found[keep])
+    faces = torch.cat([crop(real[keep], kept), crop(fake[keep], kept)])
+    out = d.face(crop(sources[keep], kept).repeat(2, 1, 1, 1), faces)
+    judgement.face_real, judgement.face_fake = _split(out, 2)
 
 
 class DiscriminatorSide(nn.Module):
-    """D_I, and D_V over ``n_scales_temporal`` frame rates unless the video discriminator is ablated."""
+    """D_I, D_V over ``n_scales_temporal`` frame rates unless the video discriminator is ablated, and
+    the face discriminator when ``model.face_discriminator`` is on (pose)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.image = ImageDiscriminator(cfg)
         self.video = VideoDiscriminator(cfg) if cfg.video_discriminator else None
+        self.face = ImageDiscriminator(cfg, face_num_D(cfg)) if cfg.face_discriminator else None
 
     def forward(self, adv: AdversarialInputs) -> Judgement:
         return judge(self, adv)

@@ -98,17 +98,24 @@ class MultiscaleDiscriminator(nn.Module):
         return DiscriminatorOutput(features)
 
 
-def _multiscale(cfg: ModelConfig, input_nc: int) -> MultiscaleDiscriminator:
-    return MultiscaleDiscriminator(input_nc, cfg.ndf, cfg.n_layers_D, cfg.num_D, cfg.norm, cfg.spectral_norm)
+def _multiscale(cfg: ModelConfig, input_nc: int, num_D: int | None = None) -> MultiscaleDiscriminator:
+    return MultiscaleDiscriminator(input_nc, cfg.ndf, cfg.n_layers_D, cfg.num_D if num_D is None else num_D,
+                                   cfg.norm, cfg.spectral_norm)
+
+
+def face_num_D(cfg: ModelConfig) -> int:
+    """Scales of the face discriminator: a crop is small, so two fewer than D_I (the reference's)."""
+    return max(1, cfg.num_D - 2)
 
 
 class ImageDiscriminator(nn.Module):
-    """D_I: conditional PatchGAN on cat(source frame, image)."""
+    """D_I: conditional PatchGAN on cat(source frame, image). The face discriminator is one too, on
+    face crops, with ``num_D = face_num_D(cfg)``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, num_D: int | None = None):
         super().__init__()
         self.source_nc, self.image_nc = cfg.label_channels, cfg.output_nc
-        self.net = _multiscale(cfg, self.source_nc + self.image_nc)
+        self.net = _multiscale(cfg, self.source_nc + self.image_nc, num_D)
 
     def forward(self, source: Tensor, image: Tensor) -> DiscriminatorOutput:
         if image.dim() != 4 or image.shape[1] != self.image_nc:

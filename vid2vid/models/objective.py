@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from vid2vid.config import ModelConfig
 from vid2vid.models.adversarial import Judgement
-from vid2vid.models.discriminators import DiscriminatorOutput
+from vid2vid.models.discriminators import DiscriminatorOutput, face_num_D
 from vid2vid.models.losses import FeatureMatchingLoss, FlowLoss, GANLoss, MaskLoss, TemporalWarpLoss
 from vid2vid.models.vgg import build_vgg_loss
 from vid2vid.models.vid2vid import SequenceOutput
@@ -55,6 +55,8 @@ class Objective(nn.Module):
         self.flow = FlowLoss(cfg.lambda_F) if cfg.flow_warping else None
         self.temporal_warp = TemporalWarpLoss(cfg.lambda_T) if cfg.flow_warping else None
         self.mask = MaskLoss(cfg.lambda_mask) if cfg.flow_warping and cfg.lambda_mask > 0 else None
+        self.face_feature_matching = (FeatureMatchingLoss(cfg.lambda_feat, cfg.n_layers_D, face_num_D(cfg))
+                                      if cfg.face_discriminator else None)
 
     def generator_local(self, seq: SequenceOutput, real: Tensor, real_flows: Tensor,
                         confidence: Tensor) -> LossTerms:
@@ -92,6 +94,10 @@ class Objective(nn.Module):
             if fake is not None:
                 terms[f"video{s}_gan"] = self.gan(fake, True, for_discriminator=False)
                 terms[f"video{s}_feat"] = self.feature_matching(fake, real)
+        if j.face_fake is not None:
+            w = j.face_weight
+            terms["face_gan"] = w * self.cfg.lambda_face * self.gan(j.face_fake, True, for_discriminator=False)
+            terms["face_feat"] = w * self.face_feature_matching(j.face_fake, j.face_real)
         return LossTerms(terms)
 
     def discriminator(self, j: Judgement) -> LossTerms:
@@ -104,4 +110,6 @@ class Objective(nn.Module):
         for s, (real, fake) in enumerate(zip(j.video_real, j.video_fake, strict=True)):
             if fake is not None:
                 terms[f"video{s}"] = pair(real, fake)
+        if j.face_fake is not None:
+            terms["face"] = j.face_weight * pair(j.face_real, j.face_fake)
         return LossTerms(terms)

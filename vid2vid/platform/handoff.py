@@ -85,9 +85,10 @@ def recv_control(src: int, device: torch.device) -> Control:
     return Control.from_tensor(t.cpu())
 
 
-def adversarial_names(adv: AdversarialInputs) -> tuple[list[str], list[str]]:
+def adversarial_names(adv: AdversarialInputs, face: bool = False) -> tuple[list[str], list[str]]:
     """Names of the generator-adversarial and discriminator terms, in ``Objective``'s order, so the D
-    rank can send bare values and the G rank can still log them by name."""
+    rank can send bare values and the G rank can still log them by name. ``face``: the model has a
+    face discriminator."""
     g_names, d_names = ["image_gan", "image_feat"], ["image"]
     if adv.fake_raw is not None:
         g_names += ["image_raw_gan", "image_raw_feat"]
@@ -96,6 +97,9 @@ def adversarial_names(adv: AdversarialInputs) -> tuple[list[str], list[str]]:
         if window is not None:
             g_names += [f"video{s}_gan", f"video{s}_feat"]
             d_names += [f"video{s}"]
+    if face:
+        g_names += ["face_gan", "face_feat"]
+        d_names += ["face"]
     return g_names, d_names
 
 

@@ -298,7 +298,7 @@ def split_generator_step(wc: WorkerContext, clip: Clip, n: int, rng: torch.Gener
     g.backward(surrogate)
     g.step()
     values = handoff.recv_tensors(partner, wc.device)
-    g_names, d_names = handoff.adversarial_names(adv)
+    g_names, d_names = handoff.adversarial_names(adv, cfg.face_discriminator)
     g_adv = LossTerms(dict(zip(g_names, values[0].unbind(), strict=True)))
     d_terms = LossTerms(dict(zip(d_names, values[1].unbind(), strict=True)))
     return local + g_adv, d_terms
