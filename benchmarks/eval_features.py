@@ -12,30 +12,18 @@ extraction would do to a Fréchet distance.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import timed
 
 from vid2vid.config import parse_overrides
 from vid2vid.eval.feature_nets import load_feature_net, save_random_weights
 
 SIZES = {"i3d": 224, "resnext101": 112}  # each net's input side in the eval service
 
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv: list[str]) -> None:

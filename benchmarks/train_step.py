@@ -17,14 +17,13 @@ and never reports a loss value.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from vid2vid.config import ModelConfig, TrainConfig, apply_mapping, load_preset, parse_overrides
@@ -52,17 +51,6 @@ def synthetic_clip(width: int, height: int, frames: int, device: torch.device) -
     conf[:, 0] = 0
     return Clip(to(seq.labels, torch.long), to(edges), to(seq.instances, torch.long), frames_t, flow, conf)
 
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (allocator, kernels)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def count_flops(fn) -> int:
