@@ -70,3 +70,21 @@ def test_feature_encoder_output():
     assert enc.net[0][1].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="multiples of 2\\*\\*n_downsample_E=4"):
         enc(torch.zeros(1, 3, 10, 16), torch.zeros(1, 10, 16, dtype=torch.long))
+
+
+def test_generator_pools_features_per_class_and_instance():
+    """Two stuff classes share the no-instance id 0: each must keep its own pooled feature, in
+    training and in every caller of ``encode_features`` (the eval service once pooled by instance only)."""
+    from vid2vid.models.vid2vid import GeneratorSide
+
+    cfg = ModelConfig(use_features=True, nef=4, n_downsample_E=2, feat_num=3, ngf=8, n_downsample_G=2, n_blocks=2)
+    g = GeneratorSide(cfg)
+    frames = torch.rand(1, 2, 3, 12, 16) * 2 - 1
+    labels = torch.full((1, 2, 12, 16), 7)  # road ...
+    labels[..., 6:, :] = 23  # ... and sky below it, both without instances
+    instances = torch.zeros(1, 2, 12, 16, dtype=torch.long)
+    feats = g.encode_features(frames, labels, instances)
+    assert feats.shape == (1, 2, 3, 12, 16)
+    road, sky = feats[0, 0, :, 0, 0], feats[0, 0, :, -1, -1]
+    assert not torch.allclose(road, sky)
+    torch.testing.assert_close(feats[0, 0, :, :6], road[:, None, None].expand(3, 6, 16))

@@ -178,7 +178,7 @@ class GenerateClips:
         clip = _stack([read_segment(str(s)) for s in batch["segment"]])
         cfg = self.cfg.model
         dev = clip.to(self.device)
-        features = self.gen.encode_features(dev.frames, dev.instances) if cfg.use_features else None
+        features = self.gen.encode_features(dev.frames, dev.labels, dev.instances) if cfg.use_features else None
         inputs = prepare_inputs(cfg, dev.labels, dev.instance_edges, features)
         fake = generate_sequence(self.gen, cfg, inputs).frames.float().cpu()
         rows: dict[str, list] = defaultdict(list)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from vid2vid.config import ModelConfig
-from vid2vid.models.encoder import FeatureEncoder
+from vid2vid.models.encoder import FeatureEncoder, object_ids
 from vid2vid.models.generator import GeneratorOutput, Vid2VidGenerator
 from vid2vid.models.inputs import encode_source
 
@@ -32,12 +32,13 @@ class GeneratorSide(nn.Module):
                 features: Tensor | None = None) -> GeneratorOutput:
         return self.generator(source, prev_frames, label_ids=label_ids, features=features)
 
-    def encode_features(self, frames: Tensor, instances: Tensor) -> Tensor:
-        """E's instance-pooled features of real frames (N, T, 3, H, W) -> (N, T, feat_num, H, W)."""
+    def encode_features(self, frames: Tensor, labels: Tensor, instances: Tensor) -> Tensor:
+        """E's features of real frames (N, T, 3, H, W) -> (N, T, feat_num, H, W), pooled per object:
+        (class, instance) from label ids and instance ids (N, T, H, W), so stuff classes stay apart."""
         if self.encoder is None:
             raise RuntimeError("encode_features: model.use_features is off, so no feature encoder was built")
         n, t = frames.shape[:2]
-        feats = self.encoder(frames.flatten(0, 1), instances.flatten(0, 1).long())
+        feats = self.encoder(frames.flatten(0, 1), object_ids(labels, instances).flatten(0, 1))
         return feats.unflatten(0, (n, t))
 
 

@@ -19,7 +19,6 @@ from torch import nn
 from vid2vid.config import ModelConfig
 from vid2vid.datasets.shards import Clip
 from vid2vid.models.adversarial import AdversarialInputs, draw_adversarial_inputs
-from vid2vid.models.encoder import object_ids
 from vid2vid.models.objective import LossTerms, Objective
 from vid2vid.models.vid2vid import ClipInputs, SequenceOutput, generate_sequence, prepare_inputs
 from vid2vid.platform.engines import frozen
@@ -65,8 +64,8 @@ class StepResult:
 def generate_for_training(g: Engine, cfg: ModelConfig, clip: Clip, num_frames: int) -> SequenceOutput:
     features = None
     if cfg.use_features:
-        objects = object_ids(clip.labels[:, :num_frames], clip.instances[:, :num_frames])
-        features = g.module.encode_features(clip.frames[:, :num_frames], objects)
+        features = g.module.encode_features(clip.frames[:, :num_frames], clip.labels[:, :num_frames],
+                                            clip.instances[:, :num_frames])
     inputs: ClipInputs = prepare_inputs(cfg, clip.labels[:, :num_frames],
                                         None if clip.instance_edges is None else clip.instance_edges[:, :num_frames],
                                         features)
