@@ -44,7 +44,10 @@ STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_STATE)
 
 
 def evaluate_run(cfg: Config, result: Any, shards: str | Path) -> dict[str, float]:
-    """Evaluate a finished run's last checkpoint (``TrainResult``) into its own MLflow run."""
+    """Evaluate a finished run's last checkpoint (``TrainResult``) into its own MLflow run; no
+    metrics when the run saved no checkpoint."""
+    if result.checkpoint is None:
+        return {}
     out = evaluate_checkpoint(result.checkpoint, shards, cfg.eval, run_id=result.mlflow_run_id,
                               tracking_uri=result.tracking_uri)
     return out.metrics

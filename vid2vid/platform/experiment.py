@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vid2vid.config import Config, load_config
+from vid2vid.platform.evaluation import evaluate_run, start_evaluator
 from vid2vid.platform.trainer import TrainResult, ensure_ray, train
 
 log = logging.getLogger("vid2vid")
@@ -37,18 +38,6 @@ def ensure_shards(cfg: Config) -> Path:
     return out
 
 
-def evaluate_checkpoint(cfg: Config, result: TrainResult, shards: Path) -> dict[str, float]:
-    """Run the evaluation service on the final checkpoint when it is installed (issue: eval service)."""
-    try:
-        from vid2vid.platform.evaluation import evaluate_run
-    except ImportError:
-        log.info("evaluation service not available; skipping evaluation")
-        return {}
-    if result.checkpoint is None:
-        return {}
-    return evaluate_run(cfg, result, shards)
-
-
 def run_experiment(argv: list[str], default_preset: str) -> ExperimentResult:
     args = list(argv)
     if not any(a.startswith("preset=") for a in args):
@@ -57,15 +46,13 @@ def run_experiment(argv: list[str], default_preset: str) -> ExperimentResult:
     ensure_ray()
     shards = ensure_shards(cfg)
     if cfg.eval.during_training:  # an evaluator actor fed every checkpoint; training never waits for it
-        from vid2vid.platform.evaluation import start_evaluator
-
         evaluator = start_evaluator(cfg, shards)
         result = train(cfg, shards, callbacks=[evaluator.callback()])
         results = evaluator.wait()
         metrics = dict(results[-1].metrics) if results else {}
     else:
         result = train(cfg, shards)
-        metrics = evaluate_checkpoint(cfg, result, shards)
+        metrics = evaluate_run(cfg, result, shards)
     samples = sorted((Path(cfg.train.run_dir).resolve() / "samples" / result.run_name).glob("*.mp4"))
     print_summary(cfg, result, samples, metrics)
     return ExperimentResult(result, shards, samples, metrics)
