@@ -158,3 +158,17 @@ def test_synthetic_prepare_and_training_dataset(tmp_path, ray_cluster):
     assert first == again  # a seed fixes the order
     expected = sorted((int(c.clip_index), int(c.start), int(c.labels.sum())) for c in clips)
     assert sorted(first) == expected  # every clip exactly once
+
+
+def test_model_must_fit_the_shards_source_channels():
+    from vid2vid.config import ModelConfig
+
+    dense = {"label_nc": 0, "input_nc": 6}
+    shards.check_model_fits(ModelConfig(label_nc=0, input_nc=6), dense, "s")
+    with pytest.raises(ValueError, match=r"s/manifest.json: label_nc is 0 but model.label_nc is 35; "
+                                         r"set model.label_nc=0"):
+        shards.check_model_fits(ModelConfig(), dense, "s")
+    with pytest.raises(ValueError, match=r"input_nc is 6 but model.input_nc is 1; set model.input_nc=6"):
+        shards.check_model_fits(ModelConfig(label_nc=0, input_nc=1), dense, "s")
+    with pytest.raises(ValueError, match=r"input_nc is 6 but model.input_nc is 1; evaluate elsewhere$"):
+        shards.check_model_fits(ModelConfig(label_nc=0, input_nc=1), dense, "s", advice="evaluate elsewhere")

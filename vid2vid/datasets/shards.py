@@ -132,6 +132,19 @@ def write_manifest(out: str | Path, manifest: dict) -> Path:
     return path
 
 
+def check_model_fits(model, manifest: dict, shards: str | Path, advice: str | None = None) -> None:
+    """The model must be built for the data's source channels: ``label_nc``, and ``input_nc`` for dense
+    sources. ``advice`` ends the message (default: set the model key to the data's value)."""
+    label_nc = int(manifest.get("label_nc", model.label_nc))
+    if label_nc != model.label_nc:
+        raise ValueError(f"{shards}/{MANIFEST}: label_nc is {label_nc} but model.label_nc is {model.label_nc}; "
+                         f"{advice or f'set model.label_nc={label_nc}'}")
+    input_nc = int(manifest.get("input_nc", 0))
+    if label_nc == 0 and input_nc != model.input_nc:
+        raise ValueError(f"{shards}/{MANIFEST}: input_nc is {input_nc} but model.input_nc is {model.input_nc}; "
+                         f"{advice or f'set model.input_nc={input_nc}'}")
+
+
 def load_manifest(out: str | Path) -> dict:
     """The ``manifest.json`` of a prepared folder; raises :class:`ShardError` naming what is wrong."""
     path = Path(out) / MANIFEST

@@ -29,7 +29,6 @@ argument, else from ``mlflow_run_id.txt`` that the trainer writes beside the che
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -39,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from vid2vid.config import EvalConfig
+from vid2vid.datasets.shards import MANIFEST as SHARDS_MANIFEST
+from vid2vid.datasets.shards import check_model_fits, load_manifest
 from vid2vid.eval.clips import ClipPlan, GenerateClips, encode_segment, plan_clips
 from vid2vid.eval.extract import FVD_MIN_SIZE, ExtractFeatures, feature_columns
 from vid2vid.eval.feature_nets import SPECS, is_random_weights_file, metric_name, missing_weights_message
@@ -50,13 +51,13 @@ from vid2vid.eval.frechet import (
     stats_cache_key,
 )
 from vid2vid.eval.preprocess import SIZES
-from vid2vid.platform.tracking import Tracker, resolve_tracking_uri
+from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+from vid2vid.platform.checkpoint import read_manifest
+from vid2vid.platform.tracking import RUN_ID_FILE, Tracker, read_run_id, resolve_tracking_uri
 from vid2vid.platform.warm_start import load_config
 
 log = logging.getLogger("vid2vid.eval")
 
-RUN_ID_FILE = "mlflow_run_id.txt"  # written by the trainer beside a run's checkpoints
-CHECKPOINT_STATE = "vid2vid-checkpoint.json"  # holds the training state, hence the step
 METRICS = {"i3d": "eval/fid_i3d", "i3d_logits": "eval/fvd", "resnext101": "eval/fid_resnext"}
 NETS = {"i3d": "i3d_weights", "resnext101": "resnext_weights"}  # net -> EvalConfig field
 PROTOCOL = ("FID-I3D: I3D Mixed_5c pooled 1024-d; FVD: I3D time-averaged Kinetics logits 400-d; both 16 "
@@ -103,11 +104,10 @@ def checkpoint_step(checkpoint_dir: str | Path, step: int | None = None) -> int:
     """``step`` if given, else the training step saved in the checkpoint's ``vid2vid-checkpoint.json``."""
     if step is not None:
         return int(step)
-    path = Path(checkpoint_dir) / CHECKPOINT_STATE
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: no {CHECKPOINT_STATE} to read the training step from; "
+    if not (Path(checkpoint_dir) / CHECKPOINT_MANIFEST).is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: no {CHECKPOINT_MANIFEST} to read the training step from; "
                                 f"pass step=N")
-    return int(json.loads(path.read_text())["state"]["step"])
+    return int(read_manifest(checkpoint_dir)["state"]["step"])
 
 
 def resolve_target(checkpoint_dir: str | Path, cfg, run_id: str | None = None,
@@ -120,8 +120,8 @@ def resolve_target(checkpoint_dir: str | Path, cfg, run_id: str | None = None,
     ckpt = Path(checkpoint_dir).resolve()
     run_folder = ckpt.parent
     run_dir = run_folder.parent.parent if run_folder.parent.name == "ray" else Path(cfg.train.run_dir).resolve()
-    if run_id is None and (run_folder / RUN_ID_FILE).is_file():
-        run_id = (run_folder / RUN_ID_FILE).read_text().strip() or None
+    if run_id is None:
+        run_id = read_run_id(run_folder)
     uri = resolve_tracking_uri(tracking_uri or cfg.train.tracking_uri, run_dir)
     return RunTarget(run_id, uri, run_dir)
 
@@ -252,19 +252,8 @@ def _run_pipeline(checkpoint_dir: Path, plan: ClipPlan, nets: dict[str, NetSpec]
 
 def _dataset_id(shards: Path) -> str:
     """Name of the shards folder plus a digest of its manifest: re-prepared data gets new statistics."""
-    digest = hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256((shards / SHARDS_MANIFEST).read_bytes()).hexdigest()[:12]
     return f"{shards.resolve().name}-{digest}"
-
-
-def _check_labels(cfg, shards: Path) -> dict:
-    from vid2vid.datasets.shards import load_manifest
-
-    manifest = load_manifest(shards)
-    label_nc = int(manifest.get("label_nc", cfg.model.label_nc))
-    if label_nc != cfg.model.label_nc:
-        raise ValueError(f"{shards}/manifest.json: label_nc is {label_nc} but the checkpoint's model.label_nc is "
-                         f"{cfg.model.label_nc}; evaluate on shards prepared like its training data")
-    return manifest
 
 
 def _cache_keys(shards: Path, manifest: dict, plan: ClipPlan, nets: dict[str, NetSpec]) -> dict[tuple[str, str], str]:
@@ -306,7 +295,9 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, shards: str | Path, eval_cfg
     target = resolve_target(checkpoint_dir, cfg, run_id, tracking_uri)
     if run_dir is not None:
         target = RunTarget(target.run_id, target.tracking_uri, Path(run_dir))
-    manifest = _check_labels(cfg, shards)
+    manifest = load_manifest(shards)
+    check_model_fits(cfg.model, manifest, shards, advice="evaluate on shards prepared like the checkpoint's "
+                                                          "training data")
     nets, skipped = select_nets(ev, input_sizes)
     plan = plan_clips(shards, ev.num_clips, ev.clip_len)
     log.info("evaluating %s (step %d): %d clips of %d frames from the %r split%s", checkpoint_dir, step,

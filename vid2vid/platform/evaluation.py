@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from vid2vid.config import Config, EvalConfig, apply_mapping, parse_overrides
-from vid2vid.eval.service import CHECKPOINT_STATE, EvalResult, checkpoint_step, evaluate_checkpoint, resolve_target
+from vid2vid.eval.service import EvalResult, checkpoint_step, evaluate_checkpoint, resolve_target
+from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from vid2vid.platform.warm_start import CONFIG, WEIGHTS, load_config, weights_path
 
 log = logging.getLogger("vid2vid.eval")
 STAGE_TIMEOUT_S = 60
-STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_STATE)
+STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_MANIFEST)
 
 
 def evaluate_run(cfg: Config, result: Any, shards: str | Path) -> dict[str, float]:

@@ -35,6 +35,15 @@ REJECTED_FILE = "tracking-rejected.jsonl"  # refused by MLflow (e.g. a changed p
 TRUNCATION_NOTE = "... [truncated, full value in artifact params/{key}.txt]"
 
 
+RUN_ID_FILE = "mlflow_run_id.txt"  # the trainer keeps a run's MLflow run id beside its checkpoints
+
+
+def read_run_id(run_folder: str | Path) -> str | None:
+    """The MLflow run id kept in ``<run_dir>/ray/<run_name>/mlflow_run_id.txt``, None when absent or empty."""
+    path = Path(run_folder) / RUN_ID_FILE
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
 def resolve_tracking_uri(tracking_uri: str | None, run_dir: str | Path) -> str:
     """Explicit URI (the config) > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<run_dir>/mlflow.db``."""
     if tracking_uri:

@@ -17,9 +17,9 @@ from typing import Any
 
 from vid2vid.config import Config, flatten, to_dict
 from vid2vid.platform.placement import plan_placement
+from vid2vid.platform.tracking import RUN_ID_FILE, read_run_id
 
 log = logging.getLogger("vid2vid.train")
-RUN_ID_FILE = "mlflow_run_id.txt"
 
 
 @dataclass
@@ -68,7 +68,7 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from vid2vid.datasets.shards import load_manifest, training_dataset
+    from vid2vid.datasets.shards import check_model_fits, load_manifest, training_dataset
     from vid2vid.platform.tracking import Tracker
     from vid2vid.platform.worker import train_loop_per_worker
 
@@ -77,10 +77,10 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
     run_name = cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = run_dir / "ray"
     manifest = load_manifest(shards)
-    _check_manifest(cfg, manifest, shards)
+    check_model_fits(cfg.model, manifest, shards)
     plan_placement(cfg.train.num_workers, cfg.train.gpus_per_worker, cfg.train.placement)  # fail fast
 
-    resumed_run_id = _existing_run_id(storage / run_name)
+    resumed_run_id = read_run_id(storage / run_name)
     tracker = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=run_name,
                       run_id=resumed_run_id, run_dir=run_dir,
                       tags={"placement": cfg.train.placement, "preset": cfg.name, **(extra_tags or {}),
@@ -122,18 +122,3 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
         tracker.set_tags({"checkpoint": checkpoint})
     return TrainResult(run_name, tracker.run_id, tracker.uri, checkpoint, dict(result.metrics or {}), storage)
 
-
-def _existing_run_id(folder: Path) -> str | None:
-    path = folder / RUN_ID_FILE
-    return path.read_text().strip() if path.is_file() else None
-
-
-def _check_manifest(cfg: Config, manifest: dict, shards: str | Path) -> None:
-    """The model must be built for the data it reads: label channels and clip length."""
-    label_nc = int(manifest.get("label_nc", cfg.model.label_nc))
-    if label_nc != cfg.model.label_nc:
-        raise ValueError(f"{shards}/manifest.json: label_nc is {label_nc} but model.label_nc is "
-                         f"{cfg.model.label_nc}; set model.label_nc={label_nc}")
-    if label_nc == 0 and int(manifest.get("input_nc", 0)) != cfg.model.input_nc:
-        raise ValueError(f"{shards}/manifest.json: input_nc is {manifest.get('input_nc')} but model.input_nc is "
-                         f"{cfg.model.input_nc}")
