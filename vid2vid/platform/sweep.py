@@ -26,7 +26,9 @@ MLflow: one parent run per sweep (id kept in ``<sweep dir>/parent_run_id.txt`` s
 it), one child run per trial (tag ``mlflow.parentRunId``; params and tags ``variant``, ``seed``;
 metrics ``params/generator``, ``params/discriminator`` and the evaluation metrics). When every trial is
 done the parent gets ``comparison/`` artifacts: trials.csv, comparison.csv, comparison.md,
-metrics.png, loss_curves.png (see :mod:`vid2vid.platform.compare`).
+metrics.png, loss_curves.png (see :mod:`vid2vid.platform.compare`). During a tracking outage each of these
+runs keeps its records under its own key (parent ``sweep:<name>``, trial ``<name>-<trial label>``) and
+they are replayed at the end of each trial and of the sweep, or by ``vid2vid sync-tracking``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vid2vid.config import ConfigError
 from vid2vid.platform.journal import find_journals
-from vid2vid.platform.tracking import ReplayReport, replay_journal
+from vid2vid.platform.mlflow_records import ReplayReport, replay_journal
 
 OPTIONS = ("run_dir", "tracking_uri")
 
