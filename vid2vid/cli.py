@@ -67,6 +67,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int] | str, str]] = {
     "ab-pairs": ("vid2vid.abtest:main_pairs",
                  "export blinded, randomised side-by-side A/B video pairs plus an answer key"),
     "ab-score": ("vid2vid.abtest:main_score", "A/B preference rates with 95% intervals (Wilson; bootstrap over pairs)"),
+    "sync-tracking": ("vid2vid.platform.sync_tracking:main",
+                      "push the tracking records kept offline under run_dir=DIR into their own MLflow runs, once"),
 }
 
 

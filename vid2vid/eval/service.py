@@ -365,6 +365,8 @@ class RunTracker(Tracker):
     So only the run's existence is checked.
     """
 
+    resume_status = None  # also when its start is replayed from the offline journal (vid2vid sync-tracking)
+
     def _start_run(self, tags):
         if self.run_id is None:
             return super()._start_run(tags)

@@ -26,7 +26,9 @@ MLflow: one parent run per sweep (id kept in ``<sweep dir>/parent_run_id.txt`` s
 it), one child run per trial (tag ``mlflow.parentRunId``; params and tags ``variant``, ``seed``;
 metrics ``params/generator``, ``params/discriminator`` and the evaluation metrics). When every trial is
 done the parent gets ``comparison/`` artifacts: trials.csv, comparison.csv, comparison.md,
-metrics.png, loss_curves.png (see :mod:`vid2vid.platform.compare`).
+metrics.png, loss_curves.png (see :mod:`vid2vid.platform.compare`). During a tracking outage each of these
+runs keeps its records under its own key (parent ``sweep:<name>``, trial ``<name>-<trial label>``) and
+they are replayed at the end of each trial and of the sweep, or by ``vid2vid sync-tracking``.
 """
 
 from __future__ import annotations
@@ -187,14 +189,17 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     spec = TrialSpec(config["variant"], int(config["seed"]), tuple(sorted((config.get("grid") or {}).items())))
     cfg = trial_config(apply_mapping(Config(), ctx["base"]), spec)
-    cfg.train.run_name = f"{ctx['name']}-{spec.label}"
+    cfg.train.run_name = trial_run_name(ctx["name"], spec)
     sweep_dir = Path(ctx["path"])
     _attempt(sweep_dir, spec, "start")
-    result = train(cfg, ctx["shards"], extra_tags=trial_tags(ctx["name"], spec), parent_run_id=ctx["parent_run_id"])
+    parent_key = ctx.get("parent_key")  # absent in sweeps defined before it existed
+    result = train(cfg, ctx["shards"], extra_tags=trial_tags(ctx["name"], spec), parent_run_id=ctx["parent_run_id"],
+                   parent_key=parent_key)
 
     counts = parameter_counts(cfg)
-    tracker = Tracker(result.tracking_uri, cfg.train.experiment, run_id=result.mlflow_run_id,
-                      run_dir=cfg.train.run_dir)
+    # the trainer's run key is the run name: this tracker joins that run, even if it exists only offline
+    tracker = Tracker(result.tracking_uri, cfg.train.experiment, run_name=result.run_name, run_id=result.mlflow_run_id,
+                      run_dir=cfg.train.run_dir, key=result.run_name, writer="trial", parent_key=parent_key)
     log_trial_identity(tracker, spec, counts)
     metrics: dict[str, float] = {**counts, **_final_losses(result.metrics)}
     if ctx["options"]["evaluate"] and result.checkpoint:
@@ -203,9 +208,20 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per trial drowns the log
         metrics.update(_evaluate(cfg, result, ctx))
     tracker.end("FINISHED")
+    tracker.replay(wait=True)
     _attempt(sweep_dir, spec, "finish")
-    tune.report({**metrics, "variant": spec.variant, "seed": spec.seed, "mlflow_run_id": result.mlflow_run_id or "",
+    tune.report({**metrics, "variant": spec.variant, "seed": spec.seed, "mlflow_run_id": tracker.run_id or "",
                  "checkpoint_dir": result.checkpoint or ""})
+
+
+def trial_run_name(name: str, spec: TrialSpec) -> str:
+    """The trial's Ray Train run name, which is also its MLflow run's tracking key."""
+    return f"{name}-{spec.label}"
+
+
+def sweep_parent_key(name: str) -> str:
+    """The sweep's parent run's tracking key."""
+    return f"sweep:{name}"
 
 
 def trial_tags(name: str, spec: TrialSpec) -> dict[str, str]:
@@ -304,12 +320,11 @@ def run_sweep(cfg: Config, sweep: SweepConfig, shards: str | Path | None = None)
     path.mkdir(parents=True, exist_ok=True)
     parent_id = (path / PARENT_ID_FILE).read_text().strip() if (path / PARENT_ID_FILE).is_file() else None
     parent = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=name, run_id=parent_id,
-                     run_dir=cfg.train.run_dir,
+                     run_dir=cfg.train.run_dir, key=sweep_parent_key(name), writer="sweep",
+                     run_id_file=path / PARENT_ID_FILE,  # written once the run exists (maybe after an outage)
                      tags=parent_tags(name, cfg.name, _parent_note(name, sweep, len(specs))))
     if parent_id is None:
         parent.log_params({**{f"sweep.{k}": v for k, v in asdict(sweep).items()}, **flatten(cfg)})
-        if parent.run_id:
-            (path / PARENT_ID_FILE).write_text(parent.run_id)
 
     definition = path / DEFINITION_FILE
     if restoring and definition.is_file():
@@ -319,7 +334,7 @@ def run_sweep(cfg: Config, sweep: SweepConfig, shards: str | Path | None = None)
                         name, definition)
     else:
         ctx = {"base": to_dict(cfg), "shards": str(shards), "name": name, "path": str(path),
-               "parent_run_id": parent.run_id, "options": asdict(sweep)}
+               "parent_run_id": parent.run_id, "parent_key": parent.key, "options": asdict(sweep)}
         definition.write_text(json.dumps(ctx, indent=1))
     opts = ctx["options"]
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": opts["trial_cpus"]})
@@ -342,7 +357,21 @@ def run_sweep(cfg: Config, sweep: SweepConfig, shards: str | Path | None = None)
     artifacts = write_comparison(records, parent, path / "comparison", title=name)
     parent.set_tags({"sweep/trials": len(records), "sweep/failed_trials": len(errors)})
     parent.end("FAILED" if errors else "FINISHED")
+    _replay_sweep(parent, cfg, name, specs)
     return SweepResult(name, path, parent.run_id, cfg.train.tracking_uri, records, errors, artifacts)
+
+
+def _replay_sweep(parent, cfg: Config, name: str, specs: list[TrialSpec]) -> None:
+    """End of the sweep: the parent's and every trial's records kept during an outage go to MLflow now."""
+    from vid2vid.platform.sync_tracking import sync_run_dir
+
+    parent.replay(wait=True)
+    reports = sync_run_dir(cfg.train.run_dir, keys=[trial_run_name(name, s) for s in specs])
+    left = parent.pending() + sum(r.pending for r in reports)
+    if left:
+        log.warning("%d tracking records of sweep %s wait under %s (MLflow at %s does not answer); when it does, "
+                    "run: vid2vid sync-tracking run_dir=%s", left, name, parent.journal.root, parent.uri,
+                    cfg.train.run_dir)
 
 
 def _records(grid) -> tuple[list[TrialRecord], dict[str, str]]:

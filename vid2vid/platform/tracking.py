@@ -1,41 +1,46 @@
-"""MLflow tracking that never kills training.
+"""MLflow tracking that never kills training and never mixes runs.
 
 A :class:`Tracker` owns one MLflow run through an explicit ``MlflowClient`` (no fluent global "active
 run": that state is per thread and collides with Ray Tune's own MLflow integration).
 
-When the tracking server is down or unreachable, the first failure warns once, the tracker goes
-offline and every record (metrics, params, tags, artifact paths) is appended to
-``<run_dir>/metrics-offline.jsonl``. It probes the server again every ``retry_after_s`` seconds and,
-once it answers, replays the backlog; :meth:`Tracker.replay` does the same on demand. Any other
-MLflow error (e.g. a resumed run given a different value for a param) warns once per kind and the
-record goes to ``<run_dir>/tracking-rejected.jsonl`` (never retried, so it cannot block the backlog):
-tracking problems cost a log line, never a training run.
+When the tracking server does not answer, the first failure warns once, the tracker goes offline and
+every record (metrics, params, tags, artifact paths, start and end) goes to the run's journal
+(:mod:`vid2vid.platform.journal`: one folder per run key, one file per writer). A background thread
+asks the server every ``retry_after_s`` seconds whether it answers again; the next record then
+replays the run's backlog (every writer's) before it is sent. :meth:`Tracker.replay` does the same on
+demand (the trainer calls it after ``fit``), :func:`replay_journal` without a tracker (``vid2vid
+sync-tracking``); replay is idempotent (:mod:`vid2vid.platform.mlflow_records`), so a crash midway
+neither loses nor duplicates a record. Any other MLflow error (e.g. a resumed run given a different
+value for a param) warns once per kind and the record goes to the run's ``rejected.jsonl`` (never
+retried, so it cannot block the backlog): tracking problems cost a log line, never a training run.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
+import socket
+import threading
+import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# Keep a dead server cheap: no urllib3 retries with backoff (the default retries for minutes) and a
-# short socket timeout. setdefault: a user's explicit settings win. Read by MLflow per request.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-
-MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (mlflow.utils.validation)
-MAX_BATCH_PARAMS = 100
-MAX_BATCH_METRICS = 1000
-OFFLINE_FILE = "metrics-offline.jsonl"  # waiting for the server; replayed in order
-REJECTED_FILE = "tracking-rejected.jsonl"  # refused by MLflow (e.g. a changed param); kept, not retried
-TRUNCATION_NOTE = "... [truncated, full value in artifact params/{key}.txt]"
-
+from vid2vid.platform.journal import REJECTED_FILE, TRACKING_DIR, RunJournal, now_ms
+from vid2vid.platform.mlflow_records import (
+    MAX_PARAM_VALUE,
+    ReplayReport,
+    bind_run,
+    create_run,
+    is_connection_error,
+    push_record,
+    replay_journal,
+)
 
 RUN_ID_FILE = "mlflow_run_id.txt"  # the trainer keeps a run's MLflow run id beside its checkpoints
+
+__all__ = ["MAX_PARAM_VALUE", "REJECTED_FILE", "RUN_ID_FILE", "TRACKING_DIR", "ReplayReport", "Tracker",
+           "is_connection_error", "read_run_id", "replay_journal", "resolve_tracking_uri"]
 
 
 def read_run_id(run_folder: str | Path) -> str | None:
@@ -53,50 +58,70 @@ def resolve_tracking_uri(tracking_uri: str | None, run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    """True when ``exc`` means "the server did not answer" (MLflow wraps these in MlflowException)."""
-    import requests
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                            ConnectionError, TimeoutError)):
-            return True
-        msg = str(exc)
-        if msg.startswith("API request to") and ("failed with" in msg or "Max retries" in msg):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+class JournalBusy(Exception):
+    """Another process holds the run's journal lock (it is replaying): keep the record for later."""
 
 
-def _param_value(key: str, value: Any) -> tuple[str, str | None]:
-    """MLflow-sized param text, plus the full text when it had to be truncated."""
-    text = "None" if value is None else str(value)
-    if len(text) <= MAX_PARAM_VALUE:
-        return text, None
-    note = TRUNCATION_NOTE.format(key=key)
-    return text[: MAX_PARAM_VALUE - len(note)] + note, text
+# ------------------------------------------------------------------------------------------------
+# The tracker a run logs through
+
+
+def default_key(run_name: str | None, run_id: str | None) -> str:
+    """A tracker without an explicit key: its run id, else a key of its own (shared with no one)."""
+    return f"id:{run_id}" if run_id else f"{run_name or 'run'}:{uuid.uuid4().hex[:12]}"
 
 
 class Tracker:
+    """One MLflow run. ``key`` (optional) is the run's identity across processes: trackers with the
+    same key and ``run_dir`` (the driver, rank 0, a sweep trial) share one run, created once, even when
+    the server was down while they ran; without a key the tracker's run is its own. ``parent_key``
+    names the parent run's key (nests a run created offline under it); ``run_id_file`` gets the run
+    id once it is known (e.g. the trainer's ``mlflow_run_id.txt``)."""
+
+    resume_status: str | None = "RUNNING"  # what a start sets on an existing run; None: leave it
+
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None = None,
                  run_id: str | None = None, tags: Mapping[str, Any] | None = None,
-                 run_dir: str | Path = "runs", retry_after_s: float = 300.0):
+                 run_dir: str | Path = "runs", retry_after_s: float = 30.0, *, key: str | None = None,
+                 writer: str = "main", parent_key: str | None = None, run_id_file: str | Path | None = None):
         from mlflow.tracking import MlflowClient
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.uri = resolve_tracking_uri(tracking_uri, run_dir)
         self.experiment, self.run_name, self.run_id = experiment, run_name, run_id
-        self.offline_path = self.run_dir / OFFLINE_FILE
-        self.rejected_path = self.run_dir / REJECTED_FILE
+        self.tags = _jsonable(tags or {})
+        self.keyed = key is not None
+        self.key = key or default_key(run_name, run_id)
+        self.parent_key, self.run_id_file = parent_key, (str(run_id_file) if run_id_file else None)
+        self.journal = RunJournal(self.run_dir / TRACKING_DIR, self.key)
         self.retry_after_s = retry_after_s
         self.offline = False
-        self._failed_at = 0.0
-        self._warned: set[str] = set()
         self.client = MlflowClient(tracking_uri=self.uri)
-        self._emit({"kind": "start", "tags": _jsonable(tags or {})})
+        self._warned: set[str] = set()
+        self._back, self._stop = threading.Event(), threading.Event()  # server answers again / stop probing
+        self._prober: threading.Thread | None = None
+        self._writer = self.journal.writer({**self.identity(), "writer": writer, "pid": os.getpid(),
+                                            "host": socket.gethostname(), "t": now_ms()})
+        if self.keyed:
+            self._adopt_binding()
+        if self.journal.dir.is_dir() and self.journal.pending():
+            self.replay()  # records an earlier process kept (e.g. the driver's while the server was down)
+        self._emit({"kind": "start", "tags": self.tags, "status": self.resume_status})
+
+    @classmethod
+    def join(cls, identity: Mapping[str, Any], writer: str) -> Tracker:
+        """Another process's tracker of the same run (``identity()`` of the first), e.g. rank 0's."""
+        i = dict(identity)
+        return cls(i["uri"], i["experiment"], run_name=i.get("run_name"), run_id=i.get("run_id"),
+                   tags=i.get("tags"), run_dir=i["run_dir"], key=i["key"], writer=writer,
+                   parent_key=i.get("parent_key"), run_id_file=i.get("run_id_file"))
+
+    def identity(self) -> dict[str, Any]:
+        """What another process needs to log into this run (JSON-able)."""
+        return {"uri": self.uri, "experiment": self.experiment, "run_name": self.run_name, "run_id": self.run_id,
+                "tags": self.tags, "key": self.key, "run_dir": str(self.run_dir.resolve()),
+                "parent_key": self.parent_key, "run_id_file": self.run_id_file}
 
     # -- public API: each call builds one record and emits it -----------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -107,8 +132,7 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         values = {k: float(v) for k, v in metrics.items()}  # tensors and numpy scalars too
-        self._emit({"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
-                    "values": values})
+        self._emit({"kind": "metrics", "step": int(step), "timestamp": now_ms(), "values": values})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not Path(path).exists():
@@ -121,127 +145,133 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self._emit({"kind": "end", "status": status})
+        self.close()
 
-    def replay(self) -> int:
-        """Push the offline backlog to the server, in order; returns how many records were handled.
+    def close(self) -> None:
+        """Stop probing the server (records still go to the journal): the job's end-of-run replay or
+        ``vid2vid sync-tracking`` take over from here."""
+        self._stop.set()
 
-        Handled records leave the file (the rest stay, e.g. when the server drops again midway), so
-        nothing is sent twice; one MLflow refuses goes to the rejected file. Raises nothing.
-        """
-        if not self.offline_path.is_file():
-            return 0
-        lines = [ln for ln in self.offline_path.read_text().splitlines() if ln.strip()]
-        done = 0
-        self.offline = False
-        for line in lines:
-            rec = json.loads(line)
-            outcome = self._call(f"replay {rec['kind']}", lambda rec=rec: self._push(rec))
-            if outcome == "offline":
-                break
-            if outcome == "rejected":
-                self._record(self.rejected_path, rec)
-            done += 1
-        rest = lines[done:]
-        if rest:
-            self.offline_path.write_text("\n".join(rest) + "\n")
+    def replay(self, wait: bool = False) -> int:
+        """Push the run's backlog (every writer's) to this tracker's server now; returns how many
+        records were handled (sent or rejected). Raises nothing. ``wait``: wait for another process
+        replaying the same run instead of leaving it to that one."""
+        report = replay_journal(self.journal, lambda _uri: self.client, wait=wait)
+        self.run_id = self.run_id or report.run_id
+        if report.error is not None:
+            self._go_offline(report.error)
+        elif report.busy:
+            self.offline = True
+            self._back.set()  # try again with the next record
         else:
-            self.offline_path.unlink()
-        return done
+            self.offline = False
+        return report.pushed + report.rejected
+
+    def pending(self) -> int:
+        """Records of this run (any writer) not yet in MLflow."""
+        return self.journal.pending_count()
 
     # -- plumbing ------------------------------------------------------------------------------
     def _emit(self, rec: dict[str, Any]) -> None:
+        rec = self._writer.stamp({"run_id": self.run_id, **rec})
         if self.offline and not self._reconnect():
-            self._record(self.offline_path, rec)
+            self._writer.append(rec)
             return
-        outcome = self._call(f"log {rec['kind']}", lambda: self._push(rec))
-        if outcome != "ok":
-            self._record(self.offline_path if outcome == "offline" else self.rejected_path, rec)
+        outcome, why = self._call(f"log {rec['kind']}", lambda: self._push(rec))
+        if outcome in ("offline", "busy"):
+            self._writer.append({**rec, "run_id": self.run_id})
+        elif outcome == "rejected":
+            self.journal.reject(rec, why)
 
     def _push(self, rec: dict[str, Any]) -> None:
-        """Send one record to MLflow; raises on any failure."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        kind = rec["kind"]
-        if kind == "start":
+        """Send one record to MLflow now; raises on any failure."""
+        if rec["kind"] == "start":
             self._start_run(rec["tags"])
             return
         if self.run_id is None:  # the run could not be created earlier: create it first
             self._start_run({})
-        if kind == "metrics":
-            ms = [Metric(k, v, rec["timestamp"], rec["step"]) for k, v in rec["values"].items()]
-            for i in range(0, len(ms), MAX_BATCH_METRICS):
-                self.client.log_batch(self.run_id, metrics=ms[i : i + MAX_BATCH_METRICS])
-        elif kind == "params":
-            items, full = [], {}
-            for k, v in rec["values"].items():
-                text, whole = _param_value(k, v)
-                items.append(Param(k, text))
-                if whole is not None:
-                    full[k] = whole
-            for i in range(0, len(items), MAX_BATCH_PARAMS):
-                self.client.log_batch(self.run_id, params=items[i : i + MAX_BATCH_PARAMS])
-            for k, text in full.items():
-                self.client.log_text(self.run_id, text, f"params/{k}.txt")
-        elif kind == "tags":
-            tags = [RunTag(k, str(v)) for k, v in rec["values"].items()]
-            for i in range(0, len(tags), MAX_BATCH_PARAMS):
-                self.client.log_batch(self.run_id, tags=tags[i : i + MAX_BATCH_PARAMS])
-        elif kind == "artifact":
-            self.client.log_artifact(self.run_id, rec["path"], rec.get("artifact_path"))
-        elif kind == "end":
-            self.client.set_terminated(self.run_id, rec["status"])
-        else:
-            raise ValueError(f"{self.offline_path}: unknown record kind {kind!r}")
+        push_record(self.client, self.run_id, rec)
 
     def _start_run(self, tags: Mapping[str, Any]) -> None:
-        if self.run_id is not None:  # resume an existing run (this also checks that it exists)
-            self.client.update_run(self.run_id, status="RUNNING")
-            if tags:
-                self._push({"kind": "tags", "values": tags})
-            return
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            artifacts = None
-            if self.uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in CWD
-                artifacts = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-            exp_id = self.client.create_experiment(self.experiment, artifact_location=artifacts)
-        else:
-            exp_id = exp.experiment_id
-        run = self.client.create_run(exp_id, run_name=self.run_name,
-                                     tags={k: str(v) for k, v in tags.items()})
-        self.run_id = run.info.run_id
+        """Create the run (once per key) or, for an existing one, set its tags and ``resume_status``."""
+        if self.run_id is None and self._create_or_find():
+            return  # created just now, with these tags, RUNNING
+        push_record(self.client, self.run_id, {"kind": "start", "tags": dict(tags), "status": self.resume_status,
+                                               "t": now_ms()})
+
+    def _create_or_find(self) -> bool:
+        """Give this tracker its run id; True when the run was created just now."""
+        header = self._writer.header
+        if not self.keyed:
+            self.run_id = create_run(self.client, header, None, None)
+            return True
+        with self.journal.locked(wait=False) as held:
+            if not held:
+                raise JournalBusy(self.journal.dir)
+            self.run_id, created = bind_run(self.journal, header, self.client, lambda _uri: self.client)
+        return created
+
+    def _adopt_binding(self) -> None:
+        bound = self.journal.bound_run_id() if self.journal.dir.is_dir() else None
+        if self.run_id is None:
+            self.run_id = bound
+        elif bound is None:
+            self.journal.bind(self.run_id, self.run_id_file)
+        elif bound != self.run_id:
+            self._warn("binding", f"{self.journal.dir} belongs to MLflow run {bound}, this tracker was given "
+                                  f"{self.run_id}; its records go to {self.run_id}")
 
     def _reconnect(self) -> bool:
-        """At most once per ``retry_after_s``: try to replay the backlog; True when back online."""
-        if time.monotonic() - self._failed_at < self.retry_after_s:
+        """When the probe says the server answers again: replay the backlog; True when back online."""
+        if not self._back.is_set():
             return False
-        self._failed_at = time.monotonic()
+        self._back.clear()
         self.replay()
         return not self.offline
 
-    def _call(self, what: str, fn) -> str:
-        """Run ``fn``: "ok", "offline" (the server did not answer) or "rejected" (it said no)."""
+    def _call(self, what: str, fn) -> tuple[str, str]:
+        """Run ``fn``: ("ok" | "offline" (the server did not answer) | "busy" (another process is
+        replaying this run) | "rejected" (the server said no), why)."""
         try:
             fn()
-            return "ok"
+            return "ok", ""
+        except JournalBusy:
+            self.offline = True
+            self._back.set()
+            return "busy", "another process is replaying this run"
         except Exception as exc:  # noqa: BLE001 - tracking must never raise into training
+            why = f"{type(exc).__name__}: {str(exc)[:300]}"
             if is_connection_error(exc):
-                self.offline, self._failed_at = True, time.monotonic()
-                self._warn("offline", f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: "
-                                      f"{str(exc)[:200]}); logging to {self.offline_path} and carrying on")
-                return "offline"
-            self._warn(what, f"MLflow {what} failed ({type(exc).__name__}: {str(exc)[:300]}); "
-                             f"record kept in {self.rejected_path}, training goes on")
-            return "rejected"
+                self._go_offline(why)
+                return "offline", why
+            self._warn(what, f"MLflow {what} failed ({why}); record kept in {self.journal.dir / REJECTED_FILE}, "
+                             f"training goes on")
+            return "rejected", why
+
+    def _go_offline(self, why: str) -> None:
+        self.offline = True
+        self._warn("offline", f"MLflow at {self.uri} is unreachable ({why}); run {self.key!r} keeps its records "
+                              f"in {self.journal.dir} and sends them when the server answers again (or run "
+                              f"`vid2vid sync-tracking run_dir={self.run_dir}`); training goes on")
+        if not self._stop.is_set() and (self._prober is None or not self._prober.is_alive()):
+            self._prober = threading.Thread(target=self._probe, name=f"mlflow-probe:{self.key}", daemon=True)
+            self._prober.start()
+
+    def _probe(self) -> None:
+        """Background: ask the server every ``retry_after_s`` whether it answers; never blocks training."""
+        while not self._stop.wait(max(self.retry_after_s, 0.05)):
+            try:
+                self.client.search_experiments(max_results=1)
+            except Exception as exc:  # noqa: BLE001
+                if is_connection_error(exc):
+                    continue
+            self._back.set()
+            return
 
     def _warn(self, kind: str, msg: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
             warnings.warn(msg, RuntimeWarning, stacklevel=4)
-
-    def _record(self, path: Path, rec: dict[str, Any]) -> None:
-        with path.open("a") as f:
-            f.write(json.dumps({"run_id": self.run_id, "experiment": self.experiment, **rec}) + "\n")
 
 
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:

@@ -63,8 +63,12 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = None,
-          parent_run_id: str | None = None, callbacks: list | None = None) -> TrainResult:
-    """Train on prepared shards; everything lands in MLflow and in ``<run_dir>/ray/<run_name>``."""
+          parent_run_id: str | None = None, callbacks: list | None = None,
+          parent_key: str | None = None) -> TrainResult:
+    """Train on prepared shards; everything lands in MLflow and in ``<run_dir>/ray/<run_name>``.
+
+    The run's tracking key is its name: the driver and rank 0 log into one MLflow run, also when the
+    server was down at start (it is created when it answers; ``parent_key`` nests it then)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -82,16 +86,15 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
 
     resumed_run_id = read_run_id(storage / run_name)
     tracker = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=run_name,
-                      run_id=resumed_run_id, run_dir=run_dir,
+                      run_id=resumed_run_id, run_dir=run_dir, key=run_name, writer="driver",
+                      parent_key=parent_key, run_id_file=storage / run_name / RUN_ID_FILE,  # written once known
                       tags={"placement": cfg.train.placement, "preset": cfg.name, **(extra_tags or {}),
                             **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
     if resumed_run_id is None:  # MLflow params are write-once; a resumed run keeps its original ones
         tracker.log_params(flatten(cfg))
-    if tracker.run_id:
-        (storage / run_name).mkdir(parents=True, exist_ok=True)
-        (storage / run_name / RUN_ID_FILE).write_text(tracker.run_id)
 
     payload = {"config": to_dict(cfg), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
+               "tracking": tracker.identity(),  # rank 0 joins this run (offline too) with it
                "run_dir": str(run_dir), "clip_len": int(manifest["clip_len"]),
                "sample_dir": str(run_dir / "samples" / run_name),
                # fault-injection hook for tests: die once at this step (see worker._maybe_fail)
@@ -116,9 +119,21 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
         result = trainer.fit()
     except Exception:
         tracker.end("FAILED")
+        replay_at_end(tracker)
         raise
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     if checkpoint:
         tracker.set_tags({"checkpoint": checkpoint})
+    replay_at_end(tracker)
     return TrainResult(run_name, tracker.run_id, tracker.uri, checkpoint, dict(result.metrics or {}), storage)
+
+
+def replay_at_end(tracker) -> None:
+    """End of job: what rank 0 and this driver kept while the server was down goes to MLflow now."""
+    tracker.replay(wait=True)
+    tracker.close()
+    if tracker.pending():
+        log.warning("%d tracking records of run %s wait in %s (MLflow at %s does not answer); when it does, "
+                    "run: vid2vid sync-tracking run_dir=%s", tracker.pending(), tracker.key, tracker.journal.dir,
+                    tracker.uri, tracker.run_dir)
 

@@ -351,11 +351,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     wc.fail_at_step, wc.fail_marker = payload.get("fail_at_step", -1), payload.get("fail_marker")
     state = restore(wc)
     tracker = None
-    if wc.rank == 0 and payload.get("run_id"):
+    if wc.rank == 0 and payload.get("tracking"):  # the driver's run, also when it could not be created yet
         from vid2vid.platform.tracking import Tracker
 
-        tracker = CommittedMetrics(Tracker(payload.get("tracking_uri"), cfg.train.experiment, run_id=payload["run_id"],
-                                           run_dir=payload.get("run_dir", cfg.train.run_dir)))
+        tracker = CommittedMetrics(Tracker.join(payload["tracking"], writer=f"rank{wc.rank}"))
     if wc.placement.role(wc.rank) == "discriminator":
         discriminator_loop(wc, state)
     else:
