@@ -19,7 +19,7 @@ from spawn import spawn_collect
 from torch import nn
 
 from vid2vid.config import TrainConfig
-from vid2vid.platform.checkpoint import read_checkpoint, write_checkpoint
+from vid2vid.platform.checkpoint import decode_rng, encode_rng, read_checkpoint, read_rank_state, write_checkpoint
 from vid2vid.platform.engines import (
     UnsafeCheckpointError,
     build_engine,
@@ -172,7 +172,10 @@ def test_checkpoint_round_trip_into_fresh_engines(world1, tmp_path, stage):
     ge, de = build_engine(g, cfg, LR, BETAS), build_engine(d, cfg, LR, BETAS)
     engine_gan(ge, de, data[:2])
     state = {"epoch": 1, "step": 2, "batch_in_epoch": 2}
-    write_checkpoint(tmp_path / "ck", {"generator": ge, "discriminator": de}, state)
+    rng = torch.Generator().manual_seed(3)
+    torch.randperm(10, generator=rng)  # a generator part-way through its stream
+    write_checkpoint(tmp_path / "ck", {"generator": ge, "discriminator": de}, state,
+                     rank_state={"rng": encode_rng(rng)})
 
     g2, d2 = make_gan(7)  # different initial weights, fresh optimizers
     ge2, de2 = build_engine(g2, cfg, LR, BETAS), build_engine(d2, cfg, LR, BETAS)
@@ -187,6 +190,12 @@ def test_checkpoint_round_trip_into_fresh_engines(world1, tmp_path, stage):
     engine_gan(ge, de, data[2:])
     engine_gan(ge2, de2, data[2:])
     assert torch.equal(flat(g), flat(g2)) and torch.equal(flat(d), flat(d2))
+
+    # This rank's phi_I/phi_V generator continues where it was saved.
+    restored = decode_rng(read_rank_state(tmp_path / "ck", 0)["rng"], torch.Generator())
+    assert torch.equal(torch.randperm(10, generator=restored), torch.randperm(10, generator=rng))
+    with pytest.raises(FileNotFoundError, match=r"no ranks/1.json for rank 1 .*train.num_workers"):
+        read_rank_state(tmp_path / "ck", 1)
 
     with pytest.raises(KeyError, match="flow_net"):
         read_checkpoint(tmp_path / "ck", {"flow_net": ge2})

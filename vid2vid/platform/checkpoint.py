@@ -62,8 +62,11 @@ def write_checkpoint(directory: str | Path, engines: Mapping[str, Any], state: d
     return directory
 
 
-def read_rank_state(directory: str | Path, rank: int) -> dict[str, Any]:
+def read_rank_state(directory: str | Path, rank: int) -> dict[str, Any] | None:
+    """What ``rank`` saved; None for a checkpoint written before ranks saved anything."""
     path = Path(directory) / RANKS / f"{rank}.json"
+    if not path.parent.is_dir():
+        return None
     if not path.is_file():
         found = sorted(p.name for p in (Path(directory) / RANKS).glob("*.json"))
         raise FileNotFoundError(f"checkpoint {directory}: no {RANKS}/{rank}.json for rank {rank} (found {found}); "

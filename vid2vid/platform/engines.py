@@ -206,8 +206,8 @@ def save_engines(directory: str | Path, engines: Mapping[str, Any], client_state
     """Save each engine (weights and optimizer state, ZeRO partitions included) under ``dir/<name>``.
 
     Every rank of an engine's data-parallel group must call this: each writes its own ZeRO shard.
-    ``client_state`` is stored with every engine so that any rank, whatever engines it holds, can
-    read it back.
+    ``client_state`` is stored with every engine (the training loop keeps its state in the
+    checkpoint manifest instead, see :mod:`vid2vid.platform.checkpoint`).
     """
     directory = Path(directory)
     if not engines:

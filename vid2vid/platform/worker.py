@@ -141,7 +141,12 @@ def restore(wc: WorkerContext, resume_dir: str | None) -> ScheduleState:
         return ScheduleState(coarse_frozen=initial_coarse_frozen(wc.cfg))
     state = ScheduleState.from_dict(read_checkpoint(resume_dir, wc.engines))
     if wc.rng is not None:
-        decode_rng(read_rank_state(resume_dir, wc.rank)["rng"], wc.rng)
+        saved = read_rank_state(resume_dir, wc.rank)
+        if saved is None:
+            log.warning("rank %d: checkpoint %s predates saved phi_I/phi_V generators; the draws restart from "
+                        "the seed", wc.rank, resume_dir)
+        else:
+            decode_rng(saved["rng"], wc.rng)
     if "generator" in wc.engines:
         wc.restored_checksum = float(sum(p.detach().abs().sum() for p in wc.engines["generator"].module.parameters()))
     log.info("rank %d resumed at epoch %d step %d (batch %d of the epoch)", wc.rank, state.epoch, state.step,
