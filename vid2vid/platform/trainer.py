@@ -97,8 +97,8 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
                "tracking": tracker.identity(),  # rank 0 joins this run (offline too) with it
                "run_dir": str(run_dir), "clip_len": int(manifest["clip_len"]),
                "sample_dir": str(run_dir / "samples" / run_name),
-               # fault-injection hook for tests: die once at this step (see worker._maybe_fail)
-               "fail_at_step": int(os.environ.get("VID2VID_FAIL_AT_STEP", "-1")),
+               # fault-injection hook for tests: die once at each of these steps (see worker._maybe_fail)
+               "fail_at_steps": [int(s) for s in os.environ.get("VID2VID_FAIL_AT_STEP", "").split(",") if s.strip()],
                "fail_marker": os.environ.get("VID2VID_FAIL_MARKER")}
     use_gpu = cfg.train.use_gpu
     trainer = TorchTrainer(

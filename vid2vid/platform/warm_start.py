@@ -9,6 +9,8 @@ usable without DeepSpeed and loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,18 +34,46 @@ def save_weights(checkpoint_dir: str | Path, side: str, module: nn.Module) -> Pa
     return path
 
 
-def load_matching(module: nn.Module, checkpoint_dir: str | Path, side: str) -> list[str]:
-    """Copy every tensor whose name and shape match; return the names of the module's new tensors.
+@dataclass
+class Matched:
+    """What a warm start took from a checkpoint, by tensor name."""
+
+    copied: list[str]  # same name and shape: loaded
+    new: list[str]  # in the module only (a finer scale, an extra discriminator scale): kept as initialised
+    reshaped: list[str]  # in both with different shapes: kept as initialised
+    unused: list[str]  # in the checkpoint only
+
+    def new_modules(self) -> list[str]:
+        """The new tensors grouped by the module that owns them: ``generator.scales.1`` for a new spatial
+        scale, ``image.net.scales.2`` for a new discriminator scale."""
+        return sorted({_owner(name) for name in self.new + self.reshaped})
+
+
+def _owner(name: str) -> str:
+    scale = re.match(r"(.*?scales\.\d+)\.", name)
+    return scale.group(1) if scale else name.rsplit(".", 1)[0]
+
+
+def load_matching(module: nn.Module, checkpoint_dir: str | Path, side: str) -> Matched:
+    """Copy every tensor whose name and shape match into ``module``.
 
     A 1024 run warm-started from a 512 run: the 512 model's global generator becomes ``scales.0`` of
     the new one (both runs name their coarsest scale ``scales.0``), the local enhancer is new.
     Discriminators whose shapes changed (more scales) keep their fresh initialisation for those layers.
+    Load before a DeepSpeed engine wraps the module: ZeRO-1/2 copy the weights at ``initialize`` and
+    write that copy back after every step. A checkpoint sharing no tensor with the module is an error.
     """
-    saved = torch.load(weights_path(checkpoint_dir, side), map_location="cpu", weights_only=True)
+    path = weights_path(checkpoint_dir, side)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     own = module.state_dict()
     matching = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise ValueError(f"warm start: {path} shares no tensor (name and shape) with this run's {side}; "
+                         f"is it a checkpoint of this model? It holds e.g. {sorted(saved)[:3]}")
     module.load_state_dict(matching, strict=False)
-    return sorted(k for k in own if k not in matching)
+    return Matched(copied=sorted(matching), new=sorted(k for k in own if k not in saved),
+                   reshaped=sorted(k for k in own if k in saved and k not in matching),
+                   unused=sorted(k for k in saved if k not in own))
 
 
 def load_config(checkpoint_dir: str | Path):
