@@ -35,6 +35,9 @@ REJECTED_FILE = "tracking-rejected.jsonl"  # refused by MLflow (e.g. a changed p
 TRUNCATION_NOTE = "... [truncated, full value in artifact params/{key}.txt]"
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it may guess "GenAI" and land on an
+# empty traces overview instead of the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUN_ID_FILE = "mlflow_run_id.txt"  # the trainer keeps a run's MLflow run id beside its checkpoints
 
 
@@ -204,9 +207,11 @@ class Tracker:
             artifacts = None
             if self.uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in CWD
                 artifacts = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-            exp_id = self.client.create_experiment(self.experiment, artifact_location=artifacts)
+            exp_id = self.client.create_experiment(self.experiment, artifact_location=artifacts, tags=EXPERIMENT_KIND)
         else:
             exp_id = exp.experiment_id
+            if not any(k in exp.tags for k in EXPERIMENT_KIND):  # made by an older version or by hand
+                self.client.set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
         run = self.client.create_run(exp_id, run_name=self.run_name,
                                      tags={k: str(v) for k, v in tags.items()})
         self.run_id = run.info.run_id
