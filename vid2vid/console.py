@@ -6,7 +6,8 @@ Every entry point (the ``vid2vid`` console script and ``experiments/*.py``) runs
   stderr; other libraries show warnings only; lines that Ray forwards from its workers are dropped
   when they match a known-harmless pattern (:data:`HARMLESS`): Ray Train's per-step
   ``Reporting training result`` dump, Ray core's actor-restart notice, a Ray Data deprecation
-  warning, DeepSpeed's op-load line.
+  warning, DeepSpeed's op-load line; so are the tracebacks Ray's processes print for a failure the
+  driver reports anyway (:class:`TracebackFilter`).
 - ``--verbose`` (anywhere in the arguments) or ``VID2VID_VERBOSE=1`` shows all of it again, Ray's
   and MLflow's INFO logs included, and prints tracebacks.
 - A :class:`~vid2vid.errors.UserError` (or a missing file), also one raised inside a Ray task, actor or
@@ -29,7 +30,7 @@ VERBOSE_ENV = "VID2VID_VERBOSE"
 VERBOSE_FLAGS = ("--verbose", "-v")
 EXIT_USER_ERROR = 2
 
-# Forwarded worker lines that say nothing a user can act on (each seen on every run).
+# Forwarded worker lines that say nothing a user can act on (each seen in runs on this project's machines).
 HARMLESS = re.compile("|".join((
     r"Reporting training result \d+: TrainingReport\(",  # Ray Train: every metric of every step
     r"has constructor arguments in the object store and max_restarts > 0",  # Ray core, about its own actors

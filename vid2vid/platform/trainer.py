@@ -97,6 +97,16 @@ def train_worker(payload: dict[str, Any]) -> None:
     train_loop_per_worker(payload)
 
 
+def announce_steps(cfg: Config, manifest: dict[str, Any], run_name: str) -> StepPlan:
+    """Say how many steps the run will take; a ``train.max_steps`` the schedule ends before is a warning."""
+    placement = plan_placement(cfg.train.num_workers, cfg.train.gpus_per_worker, cfg.train.placement)  # fail fast
+    plan = plan_steps(cfg.train, int(manifest["splits"].get("train", {}).get("clips", 0)),
+                      len(placement.generator_ranks))
+    announce = log.warning if 0 < plan.total < cfg.train.max_steps else log.info
+    announce("run %s: %s", run_name, plan.describe(cfg.train.max_steps))
+    return plan
+
+
 def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = None,
           parent_run_id: str | None = None, callbacks: list | None = None, progress: bool = False) -> TrainResult:
     """Train on prepared shards; everything lands in MLflow and in ``<run_dir>/ray/<run_name>``.
@@ -118,11 +128,7 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
     changes = check_resume(cfg, storage / run_name)
     manifest = load_manifest(shards)
     check_model_fits(cfg.model, manifest, shards)
-    placement = plan_placement(cfg.train.num_workers, cfg.train.gpus_per_worker, cfg.train.placement)  # fail fast
-    plan = plan_steps(cfg.train, int(manifest["splits"].get("train", {}).get("clips", 0)),
-                      len(placement.generator_ranks))
-    announce = log.warning if 0 < plan.total < cfg.train.max_steps else log.info
-    announce("run %s: %s", run_name, plan.describe(cfg.train.max_steps))
+    plan = announce_steps(cfg, manifest, run_name)
 
     resumed_run_id = read_run_id(storage / run_name)
     tracker = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=run_name,
