@@ -1,4 +1,4 @@
-"""No file in the repo cites a path that exists only on the development machines (``../shared``).
+"""No file in the repo cites a path that exists only on the development machines (`shared` beside the checkout).
 
 Sample data is found through ``$VID2VID_SAMPLE_DATA``; the only places that may name the development
 machines' folder are the test fixture that falls back to it and the README's note on where sample
