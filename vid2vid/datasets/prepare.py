@@ -23,6 +23,7 @@ import json
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,12 +32,13 @@ import numpy as np
 from vid2vid.config import ConfigError, DataConfig, validate
 from vid2vid.datasets import shards
 from vid2vid.datasets.labels import BadInput, instance_edges
-from vid2vid.datasets.sources import SOURCES, FrameBlock, Reject, SequenceSpec, make_source
+from vid2vid.datasets.sources import SOURCES, FrameBlock, Reject, SequenceSpec, detect_kind, make_source
+from vid2vid.errors import UserError
 
 STAGES = ("list", "decode", "resize", "flow", "write")
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """Nothing could be prepared (every input rejected) or the output folder is inconsistent."""
 
 
@@ -229,23 +231,138 @@ def _check(cfg: DataConfig) -> None:
             raise ConfigError(f"data.{key}: must be >= 0, got {getattr(cfg, key)}")
 
 
+# ------------------------------------------------------------------------------------------------
+# the data settings a prepared folder was made with (manifest["data"])
+
+# Keys that change only the layout or the speed of preparing, never a clip's content.
+LAYOUT_KEYS = ("split", "out", "overwrite", "rows_per_shard", "shard_mb", "flow_actors")
+# Keys that matter only to some sources (by the prepared folder's source_kind); all others always do.
+KIND_KEYS = {"synthetic_sequences": {"synthetic"}, "synthetic_frames": {"synthetic"}, "seed": {"synthetic", "pose"},
+             "canny_low": {"video"}, "canny_high": {"video"}, "label_nc": {"vid2vid", "cityscapes"},
+             "cityscapes_label_dir": {"cityscapes"}, "cityscapes_instance_dir": {"cityscapes"}}
+# Where real data comes from, said when a preset for real data is run without data.source.
+SOURCE_HINTS = {
+    "face": "a folder with images/<seq>/ and landmarks-dlib68/<seq>/ (FaceForensics videos with dlib-68 "
+            "landmarks; a 5-frame sample is NVlabs/imaginaire's dataset/unit_test/raw/fs_vid2vid/face)",
+    "pose": "a folder with pose_maps-densepose/, poses-openpose/ and images/ (dance videos through DensePose and "
+            "OpenPose; a 5-frame sample is NVlabs/imaginaire's dataset/unit_test/raw/vid2vid/pose)",
+    "default": "a vid2vid-layout folder (train_A/ label maps, train_B/ frames, train_inst/) such as the Cityscapes "
+               "sample in the first commit of github.com/NVIDIA/vid2vid (datasets/Cityscapes), or raw Cityscapes "
+               "(leftImg8bit_sequence/ from www.cityscapes-dataset.com, with data.source_kind=cityscapes and one "
+               "*labelIds.png per frame), or data.source=synthetic for generated street scenes",
+}
+
+
+def _source_id(source: str) -> str:
+    return source if source == "synthetic" else str(Path(source).expanduser().resolve())
+
+
+def data_settings(cfg: DataConfig) -> dict:
+    """The ``data.*`` values a prepared folder's content depends on, as recorded in its manifest."""
+    values = {k: v for k, v in asdict(cfg).items() if k not in LAYOUT_KEYS}
+    values["source"] = _source_id(cfg.source) if cfg.source is not None else None
+    values["resolution"] = "x".join(map(str, cfg.size))
+    values["clip_stride"] = cfg.clip_stride or cfg.clip_len
+    return values
+
+
+def _recorded(manifest: dict) -> dict:
+    """The settings of a manifest; one written before they were recorded gives what it has."""
+    if "data" in manifest:
+        return manifest["data"]
+    return {"resolution": "x".join(map(str, manifest["resolution"])), "clip_len": manifest["clip_len"],
+            "clip_stride": manifest["clip_stride"]}
+
+
+def settings_mismatch(manifest: dict, cfg: DataConfig) -> dict[str, tuple]:
+    """``key -> (value the folder was prepared with, value asked now)`` for every differing key."""
+    kind = manifest.get("source_kind")
+    flows = kind != "synthetic"  # synthetic scenes store their exact flow whatever data.flow says
+    asked = data_settings(cfg)
+    out = {}
+    for key, was in _recorded(manifest).items():
+        now = asked.get(key)
+        if key in KIND_KEYS and kind not in KIND_KEYS[key]:
+            continue
+        if key == "source_kind":  # "auto" is whatever the folder was found to be
+            was, now = (kind if v == "auto" else v for v in (was, now))
+        if (key == "flow" and not flows) or (key == "raft_weights" and (not flows or asked["flow"] != "raft")):
+            continue
+        if was != now:
+            out[key] = (was, now)
+    return out
+
+
+def require_source(cfg: DataConfig) -> None:
+    """A preset for real data leaves ``data.source`` empty: say what to give and where it comes from."""
+    if cfg.source is None or not str(cfg.source).strip():
+        hint = SOURCE_HINTS.get(cfg.source_kind, SOURCE_HINTS["default"])
+        raise ConfigError(f"data.source is required: give data.source=<path>, {hint}")
+
+
+def check_prepared(cfg: DataConfig) -> dict | None:
+    """The manifest of ``cfg.out`` when it was prepared with ``cfg``'s data settings; None when there is
+    none (or ``data.overwrite=true`` rebuilds it). A folder prepared otherwise is a :class:`ShardError`
+    naming each differing key."""
+    require_source(cfg)
+    if cfg.overwrite or not (Path(cfg.out) / shards.MANIFEST).is_file():
+        return None
+    manifest = shards.load_manifest(cfg.out)
+    diff = settings_mismatch(manifest, cfg)
+    if diff:
+        listed = "; ".join(f"data.{k}={_show(was)} there, {_show(now)} asked" for k, (was, now) in diff.items())
+        raise shards.ShardError(f"{cfg.out} holds shards prepared with other data settings: {listed}. Rebuild "
+                                f"them with data.overwrite=true, or give another data.out")
+    return manifest
+
+
+def _show(value) -> str:
+    return "none" if value is None else str(value)
+
+
+def preflight(cfg: DataConfig) -> None:
+    """Everything about ``cfg`` that can fail without Ray: values, the source, RAFT weights, and an
+    output folder prepared with other settings."""
+    _check(cfg)
+    check_prepared(cfg)
+    if cfg.source != "synthetic" and not Path(cfg.source).expanduser().exists():
+        raise PrepareError(f"data.source={cfg.source} does not exist")
+    if cfg.source_kind == "auto":
+        try:
+            detect_kind(cfg.source)
+        except (FileNotFoundError, ValueError) as err:
+            raise PrepareError(f"data.source={cfg.source}: {err}") from None
+    if cfg.flow == "raft" and cfg.source != "synthetic":
+        if not cfg.raft_weights:
+            raise ConfigError("data.raft_weights is required with data.flow=raft: the official RAFT-small "
+                              "checkpoint raft-small.pth (github.com/princeton-vl/RAFT)")
+        if not Path(cfg.raft_weights).is_file():
+            raise PrepareError(f"data.raft_weights={cfg.raft_weights} does not exist")
+
+
 def _ray_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
+def prepare(cfg: DataConfig, progress: bool = True, start_ray: Callable[[], None] | None = None) -> PrepareSummary:
     """Prepare ``cfg.source`` into clip shards under ``cfg.out``; see the module docstring.
 
-    Ray should already be initialised by the caller (a local ``ray.init()`` is made otherwise).
+    ``start_ray`` starts Ray once there is work for it (default: a plain ``ray.init()`` unless Ray is
+    up), so a source whose every input is rejected while listing fails before Ray starts.
     Raises :class:`PrepareError` when every input is rejected.
     """
     import ray.data
 
-    _check(cfg)
+    preflight(cfg)
     t_start = time.perf_counter()
     try:
         source = make_source(cfg)
@@ -266,6 +383,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
 
     results = []
     if todo:
+        (start_ray or _init_ray)()
         ray.data.DataContext.get_current().enable_progress_bars = progress
         ds = ray.data.from_items([{"task": t.to_json()} for t in todo], override_num_blocks=len(todo))
         workers = min(cfg.flow_actors or _ray_cpus(), len(todo))
@@ -289,9 +407,10 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
             seconds[stage] += float(r[f"{stage}_s"])
     done = [t for t in tasks if t.to_json() not in failed]
     if not done:
-        listed = "\n".join(f"  {r.path}" + (f" (frame {r.frame})" if r.frame is not None else "")
-                           + f": {r.reason}" for r in rejects[:20]) or "  (no inputs found)"
-        raise PrepareError(f"nothing prepared from {cfg.source}: every input was rejected:\n{listed}")
+        listed = "; ".join(f"{r.path}" + (f" (frame {r.frame})" if r.frame is not None else "")
+                           + f": {r.reason}" for r in rejects[:5]) or "no inputs found"
+        more = f" (and {len(rejects) - 5} more)" if len(rejects) > 5 else ""
+        raise PrepareError(f"nothing prepared from {cfg.source}: every input was rejected: {listed}{more}")
 
     run_splits = {t.spec.split for t in tasks}
     if cfg.overwrite:
@@ -364,4 +483,5 @@ def _manifest(cfg, kind, source, settings, done, rejects) -> dict:
                     "first_clip": t.first_clip} for t in done],
         "rejected": [r.to_dict() for r in rejects],
         "settings": settings,
+        "data": data_settings(cfg),  # what check_prepared compares a later run's config with
     }

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vid2vid.errors import WeightsError
 from vid2vid.eval.i3d import InceptionI3d
 from vid2vid.eval.resnext3d import ResNeXt3D
 
@@ -103,36 +104,36 @@ def _safe_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused: the file holds pickled objects other than tensors, so it "
-                         f"cannot be loaded safely (torch.load(weights_only=True)): {e}") from None
+        raise WeightsError(f"{path}: refused: the file holds pickled objects other than tensors, so it "
+                           f"cannot be loaded safely (torch.load(weights_only=True)): {e}") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint: {e}") from None
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint: {e}") from None
 
 
 def _unwrap(name: str, obj: object, path: Path) -> dict[str, object]:
     """The bare (un-prefixed) state dict inside a public checkpoint object."""
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+        raise WeightsError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     if name == "i3d":
         if "state_dict" in obj:
-            raise ValueError(f"{path}: holds a wrapped checkpoint (a 'state_dict' entry); the i3d loader "
-                             f"expects piergiaj's plain state dict ({SPECS['i3d'].public_file})")
+            raise WeightsError(f"{path}: holds a wrapped checkpoint (a 'state_dict' entry); the i3d loader "
+                               f"expects piergiaj's plain state dict ({SPECS['i3d'].public_file})")
         return dict(obj)
     if "state_dict" not in obj:
-        raise ValueError(f"{path}: no 'state_dict' entry; the resnext101 loader expects kenshohara's "
-                         f"checkpoint dict {{'arch', 'state_dict'}} ({SPECS['resnext101'].public_file}); "
-                         f"top-level keys: {sorted(map(str, obj))[:_MAX_LISTED]}")
+        raise WeightsError(f"{path}: no 'state_dict' entry; the resnext101 loader expects kenshohara's "
+                           f"checkpoint dict {{'arch', 'state_dict'}} ({SPECS['resnext101'].public_file}); "
+                           f"top-level keys: {sorted(map(str, obj))[:_MAX_LISTED]}")
     arch = obj.get("arch")
     if arch is not None and not (isinstance(arch, str) and arch.startswith("resnext-101")):
-        raise ValueError(f"{path}: 'arch' is {arch!r}; expected 'resnext-101' (ResNeXt-101 32x4d)")
+        raise WeightsError(f"{path}: 'arch' is {arch!r}; expected 'resnext-101' (ResNeXt-101 32x4d)")
     inner = obj["state_dict"]
     if not isinstance(inner, Mapping):
-        raise ValueError(f"{path}: 'state_dict' is a {type(inner).__name__}, expected a dict")
+        raise WeightsError(f"{path}: 'state_dict' is a {type(inner).__name__}, expected a dict")
     out: dict[str, object] = {}
     for key, value in inner.items():
         if not str(key).startswith("module."):
-            raise ValueError(f"{path}: key {key!r} lacks the 'module.' prefix that every key of "
-                             f"kenshohara's checkpoint carries")
+            raise WeightsError(f"{path}: key {key!r} lacks the 'module.' prefix that every key of "
+                               f"kenshohara's checkpoint carries")
         out[str(key)[len("module."):]] = value
     return out
 
@@ -140,7 +141,7 @@ def _unwrap(name: str, obj: object, path: Path) -> dict[str, object]:
 def _fail(path: Path, name: str, problems: list[str]) -> None:
     more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
     listed = "\n  ".join(problems[:_MAX_LISTED])
-    raise ValueError(f"{path}: does not match the {name} architecture:\n  {listed}{more}")
+    raise WeightsError(f"{path}: does not match the {name} architecture:\n  {listed}{more}")
 
 
 def _all_finite(t: Tensor) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -229,8 +230,10 @@ def _run_pipeline(checkpoint_dir: Path, plan: ClipPlan, nets: dict[str, NetSpec]
     import ray.data
 
     n_actors, cpus, gpus = _resources(1 + len(nets), actors, cpus_per_actor)
+    # max_restarts=0: a crashed actor fails this evaluation (the next checkpoint's still runs) instead of
+    # Ray core's error-level notice about restartable actors with constructor arguments in the object store
     pool = {"compute": ray.data.ActorPoolStrategy(size=n_actors), "num_cpus": cpus, "num_gpus": gpus,
-            "batch_size": batch_size, "batch_format": "numpy"}
+            "batch_size": batch_size, "batch_format": "numpy", "max_restarts": 0}
     items = [{"index": i, "segment": encode_segment(s)} for i, s in enumerate(plan.segments)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(GenerateClips, fn_constructor_kwargs={
@@ -349,8 +352,9 @@ def log_to_run(result: EvalResult, target: RunTarget, cfg, checkpoint_dir: Path)
     tracker = RunTracker(target.tracking_uri, cfg.train.experiment, run_id=target.run_id,
                          run_name=None if target.run_id else f"eval-{checkpoint_dir.name}",
                          run_dir=target.run_dir / "eval")
+    tracker.clear_stale_tags(tags)
     tracker.set_tags(tags)
-    tracker.log_metrics(result.metrics, step=result.step)
+    tracker.log_metrics(tracker.not_yet_logged(result.metrics, result.step), step=result.step)
     if target.run_id is None:
         tracker.end()
     return tracker.run_id
@@ -373,3 +377,34 @@ class RunTracker(Tracker):
         self.client.get_run(self.run_id)
         if tags:
             self._push({"kind": "tags", "values": tags})
+
+    # Re-evaluating a checkpoint: its step keeps one point per metric and no outdated tag.
+    STALE_TAGS = ("eval/skipped/", "eval/random_weights")
+
+    def clear_stale_tags(self, tags: dict[str, str]) -> None:
+        """Delete ``eval/skipped/*`` (and ``eval/random_weights``) tags of an earlier evaluation that this
+        one does not set again (e.g. an FID computed now that its weights are given)."""
+        if self.run_id is None or self.offline:
+            return
+
+        def clear():
+            for key in self.client.get_run(self.run_id).data.tags:
+                if key.startswith(self.STALE_TAGS) and key not in tags:
+                    self.client.delete_tag(self.run_id, key)
+        self._call("clear stale tags", clear)
+
+    def not_yet_logged(self, metrics: dict[str, float], step: int) -> dict[str, float]:
+        """``metrics`` without those the run already holds at ``step`` with the same value, so evaluating a
+        checkpoint again adds no second point. (MLflow cannot delete a point: a value that changed is
+        added, and it is the one MLflow then shows as the run's.)"""
+        if self.run_id is None or self.offline:
+            return metrics
+        out = dict(metrics)
+
+        def drop_logged():
+            for key, value in metrics.items():
+                if any(m.step == step and math.isclose(m.value, value, rel_tol=1e-9, abs_tol=1e-12)
+                       for m in self.client.get_metric_history(self.run_id, key)):
+                    out.pop(key)
+        self._call("read metric history", drop_logged)
+        return out

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from vid2vid.errors import WeightsError
+
 if TYPE_CHECKING:  # avoid a runtime cycle: losses imports VGG19 from here
     from vid2vid.config import ModelConfig
     from vid2vid.models.losses import VGGLoss
@@ -88,14 +90,14 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for pickled objects, RuntimeError for junk files
-        raise ValueError(
+        raise WeightsError(
             f"{path}: not a plain tensor state dict loadable with torch.load(weights_only=True) "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (mapping of key -> tensor), "
-                         f"got {type(obj).__name__}")
+        raise WeightsError(f"{path}: expected a state dict (mapping of key -> tensor), "
+                           f"got {type(obj).__name__}")
     return obj
 
 
@@ -114,16 +116,16 @@ def load_vgg19(path: str | Path) -> VGG19:
         if key.startswith("classifier."):
             continue
         if key not in FEATURE_SHAPES:
-            raise ValueError(f"{path}: unexpected key {key!r}; expected torchvision vgg19 keys "
-                             f"features.0.weight ... features.34.bias and classifier.*")
+            raise WeightsError(f"{path}: unexpected key {key!r}; expected torchvision vgg19 keys "
+                               f"features.0.weight ... features.34.bias and classifier.*")
         if not isinstance(value, Tensor) or tuple(value.shape) != FEATURE_SHAPES[key]:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"{path}: key {key!r} has shape {got}, expected {FEATURE_SHAPES[key]}")
+            raise WeightsError(f"{path}: key {key!r} has shape {got}, expected {FEATURE_SHAPES[key]}")
         if key in REQUIRED_KEYS:
             used[key] = value
     missing = [k for k in REQUIRED_KEYS if k not in used]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}; is this torchvision's {PUBLIC_WEIGHTS}?")
+        raise WeightsError(f"{path}: missing key(s) {missing}; is this torchvision's {PUBLIC_WEIGHTS}?")
     model = VGG19()
     model.load_state_dict(used, strict=True)
     model.eval()  # no dropout/batch norm in `features`, but make the intent explicit

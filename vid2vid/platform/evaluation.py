@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vid2vid.config import Config, EvalConfig, apply_mapping, parse_overrides
+from vid2vid.config import Config, ConfigError, EvalConfig, apply_mapping, parse_overrides
 from vid2vid.eval.service import EvalResult, checkpoint_step, evaluate_checkpoint, resolve_target
 from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from vid2vid.platform.warm_start import CONFIG, WEIGHTS, load_config, weights_path
@@ -201,6 +201,8 @@ def start_evaluator(cfg: Config, shards: str | Path, run_id: str | None = None, 
 def evaluate_command(args: list[str]) -> int:
     """``vid2vid evaluate checkpoint=DIR shards=DIR [step=N] [run_id=ID] [tracking_uri=URI] [eval.KEY=V]``.
 
+    ``checkpoint=`` reaches here as a folder: ``vid2vid.cli`` resolves a run folder, run name or MLflow run id.
+
     Other ``key=value`` arguments override the checkpoint's own config; bare keys are ``eval`` keys
     (``i3d_weights=...`` means ``eval.i3d_weights=...``).
     """
@@ -215,8 +217,8 @@ def evaluate_command(args: list[str]) -> int:
         else:
             overrides.append(arg if "." in key else f"eval.{arg}")
     if not opts["checkpoint"] or not opts["shards"]:
-        print("vid2vid evaluate: checkpoint=DIR and shards=DIR are required")
-        return 2
+        raise ConfigError("checkpoint= and shards=DIR are required (checkpoint: a checkpoint folder, a run folder, "
+                          "a run name or an MLflow run id)")
     cfg = apply_mapping(load_config(opts["checkpoint"]), parse_overrides(overrides))
     ensure_ray()
     res = evaluate_checkpoint(opts["checkpoint"], opts["shards"], cfg.eval,
