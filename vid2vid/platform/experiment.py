@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vid2vid.config import Config, load_config
-from vid2vid.platform.evaluation import evaluate_run, start_evaluator
+from vid2vid.platform.evaluation import check_eval_split, evaluate_run, start_evaluator
 from vid2vid.platform.trainer import TrainResult, ensure_ray, train
 
 log = logging.getLogger("vid2vid")
@@ -45,6 +45,7 @@ def run_experiment(argv: list[str], default_preset: str) -> ExperimentResult:
     cfg = load_config(args)
     ensure_ray()
     shards = ensure_shards(cfg)
+    check_eval_split(cfg, shards)  # no validation split: say so now, not after training
     if cfg.eval.during_training:  # an evaluator actor fed every checkpoint; training never waits for it
         evaluator = start_evaluator(cfg, shards)
         result = train(cfg, shards, callbacks=[evaluator.callback()])
