@@ -177,11 +177,17 @@ def test_bootstrap_interval_covers_the_true_distance_of_known_gaussians(d, n):
     assert hits >= 45, f"covered {hits}/50"
 
 
-def test_fewer_clips_than_dims_is_flagged_and_its_interval_is_not_trusted():
-    rng = np.random.default_rng(5)
-    real, mean_f, chol, true = _known_pair(rng, 64)
-    est = frechet_with_interval(real, rng.normal(size=(48, 64)) @ chol.T + mean_f, resamples=200)
-    assert est.fewer_clips_than_dims and est.value > 1.5 * true  # the bias the small-N tag warns about
+def test_with_fewer_clips_than_dims_the_interval_misses_what_the_small_n_tag_warns_about():
+    """The README's caveat, measured: at N = 48 clips of 64-d features the bias exceeds what resampling
+    sees, so the interval sits above the true distance in most trials (hence eval/small_n/<metric>)."""
+    hits = 0
+    for trial in range(50):
+        rng = np.random.default_rng([64, 48, trial])
+        real, mean_f, chol, true = _known_pair(rng, 64)
+        est = frechet_with_interval(real, rng.normal(size=(48, 64)) @ chol.T + mean_f, resamples=200, seed=trial)
+        assert est.fewer_clips_than_dims and est.value > 1.5 * true
+        hits += est.low <= true <= est.high
+    assert hits <= 15, f"covered {hits}/50: update the README's caveat"
 
 
 def test_streaming_equals_batch_statistics_with_merge():

@@ -4,13 +4,14 @@ and the real-statistics disk cache.
 ``d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`` (Heusel et al. 2017; the paper's video FID
 with I3D / ResNeXt features, and FVD with I3D logits), in float64.
 
-The trace of the square root is computed in its symmetric form, ``Tr (S1^(1/2) S2 S1^(1/2))^(1/2)``:
-both matrices are symmetric positive semi-definite, so ``S1 S2`` is similar to that symmetric matrix
-and has the same (real, non-negative) eigenvalues. Two ``eigh`` calls replace ``scipy.linalg.sqrtm``
-of the non-symmetric product (~10 s at 2048-d here, and prone to complex round-off); rank-deficient
-statistics (fewer clips than dimensions) need no special case, since eigenvalues that round-off
-pushed below zero are clipped at zero. Should an eigen decomposition fail anyway, both covariances
-get ``eps * I`` added and it is tried again (pytorch-fid's safeguard). A matrix that is not
+The trace of the square root is computed in its symmetric form, ``Tr (F^T S2 F)^(1/2)`` with
+``F F^T = S1`` (Cholesky's factor, or ``S1^(1/2)`` when S1 is singular): both matrices are symmetric
+positive semi-definite, so ``S1 S2`` is similar to that symmetric matrix and has the same (real,
+non-negative) eigenvalues. A factorisation and one symmetric eigenvalue problem replace
+``scipy.linalg.sqrtm`` of the non-symmetric product (~10 s at 2048-d here, and prone to complex
+round-off); rank-deficient statistics (fewer clips than dimensions) need no special case, since
+eigenvalues that round-off pushed below zero are clipped at zero. Should an eigen decomposition fail
+anyway, both covariances get ``eps * I`` added and it is tried again (pytorch-fid's safeguard). A matrix that is not
 symmetric, or has an eigenvalue clearly below zero, is an error: it is not a covariance.
 
 Bootstrap (:func:`frechet_with_interval`): the generated clips' features are resampled with
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +160,20 @@ def sqrt_psd(m: np.ndarray, label: str = "first covariance") -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
+def psd_factor(m: np.ndarray, label: str = "first covariance") -> np.ndarray:
+    """Some F with F F^T = m: Cholesky's (a third of an eigen decomposition's cost) when m is positive
+    definite, else the symmetric square root (rank-deficient statistics: fewer samples than dims).
+    ``Tr (S1 S2)^(1/2)`` needs only the eigenvalues of F^T S2 F, which are those of S1 S2 for any F."""
+    try:
+        return scipy.linalg.cholesky((m + m.T) / 2, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return sqrt_psd(m, label)
+
+
 def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """``Tr (S1 S2)^(1/2)`` for symmetric PSD ``S1``, ``S2``, as ``Tr (S1^(1/2) S2 S1^(1/2))^(1/2)``."""
-    r = sqrt_psd(s1)
-    return float(np.sqrt(_eigvals_psd(r @ s2 @ r, "product of the covariances")).sum())
+    """``Tr (S1 S2)^(1/2)`` for symmetric PSD ``S1``, ``S2``, as ``Tr (F^T S2 F)^(1/2)`` with F F^T = S1."""
+    f = psd_factor(s1)
+    return float(np.sqrt(_eigvals_psd(f.T @ s2 @ f, "product of the covariances")).sum())
 
 
 def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = 1e-6) -> float:
@@ -220,7 +232,7 @@ class _GeneratedSide:
         cov_r = real.cov * ((real.count - 1) / (real.count - ddof))  # ddof 0: StyleGAN-V's biased covariance
         self.ddof = ddof
         self.tr_r = float(np.trace(cov_r))
-        self.y = self.x @ sqrt_psd(cov_r, "real covariance")  # (N, D)
+        self.y = self.x @ psd_factor(cov_r, "real covariance")  # (N, D): Y Y^T = X S_r X^T
         self.gram_y = self.y @ self.y.T if self.n <= 2 * self.dim else None  # (N, N): X S_r X^T
         self.sq_norms = np.einsum("ij,ij->i", self.x, self.x)  # |x_i|^2
 

@@ -97,8 +97,11 @@ class EvaluateClips:
     (warping error of the generated and the real clip, and its weight) and ``tof``/``tof_pairs``."""
 
     def __init__(self, spec: WorkerSpec):
+        import time
+
         from vid2vid.platform.warm_start import load_generator
 
+        started = time.perf_counter()
         torch.set_num_threads(max(1, spec.threads))
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,6 +125,7 @@ class EvaluateClips:
 
             cv2.setNumThreads(max(1, spec.threads))
             self.flow = FlowEstimator(spec.tof.method, spec.tof.weights)
+        self.startup_s = time.perf_counter() - started  # loading: a fixed cost, reported once per actor
 
     def _generate(self, clip, dev, kind: str, indices) -> torch.Tensor:
         model = self.cfg.model
@@ -156,6 +160,8 @@ class EvaluateClips:
             feats = self.features(real_u8, self.spec.real_metrics)
             for i, index in enumerate(indices):
                 self._row(rows, index, REAL, {m: v[i] for m, v in feats.items()})
+        rows["startup_s"] = [self.startup_s] + [0.0] * (len(rows["index"]) - 1)
+        self.startup_s = 0.0
         return {k: np.stack(v) if k in METRICS else np.asarray(v) for k, v in rows.items()}
 
     def _real_flows(self, clip, real_u8: np.ndarray, segments: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
