@@ -41,7 +41,7 @@ from vid2vid.platform.warm_start import CONFIG, WEIGHTS, load_config, weights_pa
 
 log = logging.getLogger("vid2vid.eval")
 STAGE_TIMEOUT_S = 60
-STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_MANIFEST)
+STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_MANIFEST, "styles.npz")  # styles: a multimodal model's
 
 
 def evaluate_run(cfg: Config, result: Any, shards: str | Path) -> dict[str, float]:
