@@ -290,20 +290,33 @@ def test_service_logs_every_metric_with_clips_and_interval_into_the_training_run
 
 
 @pytest.mark.ray
-def test_a_multimodal_model_is_evaluated_with_sampled_styles(shards, store, tmp_path):
-    """model.use_features: styles.npz is fitted on the training split when missing, every validation
-    clip is generated with per-object styles drawn from it (seeded per clip), and the reconstruction
-    from E's features of the real frames is a metric of its own (_recon)."""
+def test_cli_evaluates_a_multimodal_model_with_sampled_styles_and_says_what_is_missing(shards, store, tmp_path,
+                                                                                      capsys, caplog):
+    """One CLI run: model.use_features, so styles.npz is fitted on the training split (it is missing) and
+    every clip is generated with per-object styles drawn from it (seeded per clip); E's reconstruction
+    is a metric of its own (_recon); no feature-net weights, so no FID/FVD and the output says which file
+    to give; eval.split=train, so the run is tagged as measured on training clips."""
+    from vid2vid.cli import main
+
+    assert main(["evaluate", f"shards={shards}"]) == 2
     features = ("model.use_features=true", "model.feat_num=3", "model.nef=8", "model.n_downsample_E=2")
     ckpt, run_id, uri = make_run(tmp_path, store, extra=features)
-    ev = EvalConfig(num_clips=0, clip_len=8, batch_size=2, styles="both", style_seed=4)
-    res = evaluate_checkpoint(ckpt, shards, ev, step=2, tracking_uri=uri)
-    assert (ckpt / "styles.npz").is_file(), "fitted on the training clips for the evaluation"
-    assert "sampled styles" in res.tags["eval/styles"]
+    with caplog.at_level(logging.WARNING, logger="vid2vid.eval"):
+        rc = main(["evaluate", f"checkpoint={ckpt}", f"shards={shards}", "step=3", f"tracking_uri={uri}",
+                   "num_clips=0", "clip_len=8", "split=train", "styles=both", "style_seed=4"])
+    assert rc == 0 and (ckpt / "styles.npz").is_file(), "fitted on the training clips for the evaluation"
+    out = capsys.readouterr().out
+    assert "train split" in out and "not computed: eval/fid_i3d" in out
+    assert "eval.i3d_weights=/path/to/rgb_imagenet.pt" in out
+    assert "eval.resnext_weights=/path/to/resnext-101-kinetics.pth" in caplog.text
+    assert "evaluating on TRAINING clips" in caplog.text
+    tags = mlflow.tracking.MlflowClient(uri).get_run(run_id).data.tags
+    assert "rgb_imagenet.pt" in tags["eval/skipped/fid_i3d"] and "TRAINING clips" in tags["eval/on_training_clips"]
+    assert "sampled styles" in tags["eval/styles"]
 
     cfg, gen = load_generator(ckpt)
     bank = StyleBank.load(ckpt / "styles.npz")
-    seqs = sequence_frames(shards, "val")
+    seqs = sequence_frames(shards, "train")
     sampled, recon = [], []
     for index, seq in enumerate(seqs.values()):  # the plan's order: sequences sorted by name
         draw = StyleSampler(bank, seed=style_seed_of(4, index))
@@ -317,31 +330,10 @@ def test_a_multimodal_model_is_evaluated_with_sampled_styles(shards, store, tmp_
     want_recon = warping_error(torch.cat(recon), flow, conf)
     assert abs(want_sampled - want_recon) > 1e-4 * want_recon, "the two kinds of generation differ"
     history = run_metrics(uri, run_id)
-    assert history["eval/warping_error"][0][1] == pytest.approx(want_sampled, rel=1e-4)
-    assert history["eval/warping_error_recon"][0][1] == pytest.approx(want_recon, rel=1e-4)
-    assert "eval/tof_recon" in history and "eval/tof" in history
-
-
-@pytest.mark.ray
-def test_without_val_or_weights_the_cli_says_what_to_do(shards, store, tmp_path, capsys, caplog):
-    from vid2vid.cli import main
-
-    assert main(["evaluate", f"shards={shards}"]) == 2
-    ckpt, run_id, uri = make_run(tmp_path, store)
-    with caplog.at_level(logging.WARNING, logger="vid2vid.eval"):
-        rc = main(["evaluate", f"checkpoint={ckpt}", f"shards={shards}", "step=3", f"tracking_uri={uri}",
-                   "num_clips=2", "clip_len=8", "split=train"])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "train split" in out and "not computed: eval/fid_i3d" in out
-    assert "eval.i3d_weights=/path/to/rgb_imagenet.pt" in out
-    assert "eval.resnext_weights=/path/to/resnext-101-kinetics.pth" in caplog.text
-    assert "evaluating on TRAINING clips" in caplog.text
-    history = run_metrics(uri, run_id)
     assert not [k for k in history if "fid" in k or "fvd" in k]
-    assert [s for s, _ in history["eval/warping_error"]] == [3]
-    tags = mlflow.tracking.MlflowClient(uri).get_run(run_id).data.tags
-    assert "rgb_imagenet.pt" in tags["eval/skipped/fid_i3d"] and "TRAINING clips" in tags["eval/on_training_clips"]
+    assert history["eval/warping_error"] == [(3, pytest.approx(want_sampled, rel=1e-4))]
+    assert history["eval/warping_error_recon"] == [(3, pytest.approx(want_recon, rel=1e-4))]
+    assert "eval/tof_recon" in history and "eval/tof" in history
 
 
 @pytest.mark.ray

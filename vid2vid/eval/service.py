@@ -170,9 +170,9 @@ def select_nets(eval_cfg: EvalConfig, input_sizes: dict[str, int] | None = None
     for net, key in NET_SETTINGS.items():
         value = getattr(eval_cfg, key)
         names = [m.name for m in METRICS.values() if m.net == net]
-        try:
+        try:  # a refused checksum (ValueError) stops the evaluation: the bytes are not the published ones
             path = resolve(value, net, f"eval.{key}")
-        except (OSError, ValueError) as err:  # a failed download or a refused checksum: say so, skip
+        except OSError as err:  # no network, a dead mirror: the metric is skipped, and the log and a tag say why
             path, why = None, str(err)
         else:
             why = None if path is not None and path.is_file() else (
