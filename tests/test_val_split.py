@@ -97,3 +97,14 @@ def test_prepare_takes_the_sources_own_val_split_along_with_train(tmp_path, ray_
     assert held.clips == {"train": 1, "val": 1}
     shards = json.loads((tmp_path / "held" / "manifest.json").read_text())["shards"]
     assert sorted((s["split"], s["sequence"]) for s in shards) == [("train", "t0"), ("val", "t1")]
+
+
+@pytest.mark.ray
+def test_a_val_sequence_that_is_trained_on_later_leaves_the_val_split(tmp_path, ray_cluster):
+    out = tmp_path / "out"
+    cfg = DataConfig(source="synthetic", out=str(out), resolution=f"{W}x{H}", clip_len=4, synthetic_sequences=2,
+                     synthetic_frames=4, val_fraction=0.5)
+    assert prepare(cfg, progress=False).clips == {"train": 1, "val": 1}
+    again = prepare(DataConfig(**{**cfg.__dict__, "val_fraction": 0.0}), progress=False)  # now all trained on
+    assert again.clips == {"train": 2}, "the earlier val split overlaps the new train split: dropped"
+    assert set(json.loads((out / "manifest.json").read_text())["splits"]) == {"train"}

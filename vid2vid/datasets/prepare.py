@@ -408,6 +408,12 @@ def _carry_over(manifest: dict, out: Path, run_splits: set[str]) -> None:
     if old.get("settings") != manifest["settings"]:
         return
     kept = [s for s in old["shards"] if s["split"] not in run_splits and (out / s["path"]).is_file()]
+    # A sequence this run put in a split must not stay in another one (a val sequence trained on now)
+    current = {s["sequence"] for s in manifest["shards"]}
+    leaking = {s["split"] for s in kept if s["sequence"] in current}
+    for split in sorted(leaking):
+        log.warning("%s: dropping the earlier %r split: some of its sequences are in this run's splits", out, split)
+    kept = [s for s in kept if s["split"] not in leaking]
     kept_splits = {s["split"] for s in kept}
     manifest["shards"] += kept
     manifest["splits"].update({k: v for k, v in old["splits"].items() if k in kept_splits})
