@@ -12,6 +12,7 @@ each actor holds its GPU for all of a clip's work.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +98,6 @@ class EvaluateClips:
     (warping error of the generated and the real clip, and its weight) and ``tof``/``tof_pairs``."""
 
     def __init__(self, spec: WorkerSpec):
-        import time
-
         from vid2vid.platform.warm_start import load_generator
 
         started = time.perf_counter()
