@@ -11,6 +11,14 @@ complete. Execute (Ray Data, streaming, one shard task per row, so blocks stay o
 Every input that cannot be prepared becomes a reject ``{path, frame, reason}`` in the manifest and the
 closing summary; the run fails only when nothing at all could be prepared.
 
+Validation split (:func:`with_val_split`): evaluation reads ``val``. It is the source's own (a
+requested ``val``, Cityscapes' ``leftImg8bit_sequence/val`` or a vid2vid ``val_A`` next to
+``train_A``, prepared along with ``train`` even when only ``train`` was asked for, and synthetic
+scenes' ``data.synthetic_val_sequences``), else every sequence of ``data.val_source`` (a folder of the
+same layout), else training sequences held out by name (``data.val_sequences``) or by fraction
+(``data.val_fraction``, evenly spread over the sorted names). The manifest records where it came
+from (``splits.val.origin``).
+
 Flow convention: ``flow[t] = estimate_flow(frame[t], frame[t-1])`` (backward, Middlebury), so
 ``warp(frame[t-1], flow[t]) ~ frame[t]``; its confidence is forward-backward consistency. Synthetic
 scenes store their EXACT flow and validity mask instead. Flow is estimated once per shard task on
@@ -19,7 +27,9 @@ consecutive frames, so overlapping clips share it; each clip's first flow and co
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 import time
 import warnings
@@ -32,10 +42,21 @@ import numpy as np
 from vid2vid.config import ConfigError, DataConfig, validate
 from vid2vid.datasets import shards
 from vid2vid.datasets.labels import BadInput, instance_edges
-from vid2vid.datasets.sources import SOURCES, FrameBlock, Reject, SequenceSpec, detect_kind, make_source
+from vid2vid.datasets.sources import (
+    SOURCES,
+    CityscapesRaw,
+    FrameBlock,
+    Listing,
+    Reject,
+    SequenceSpec,
+    detect_kind,
+    make_source,
+)
 from vid2vid.errors import UserError
 
 STAGES = ("list", "decode", "resize", "flow", "write")
+VAL = "val"
+log = logging.getLogger(__name__)
 
 
 class PrepareError(UserError, RuntimeError):
@@ -71,6 +92,7 @@ class PrepareSummary:
     frames: int  # frames decoded by this run
     rejected: list[Reject] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # list + per-stage task time, total wall
+    val_origin: str | None = None  # where the val split came from (None: there is none)
 
     @property
     def frames_per_second(self) -> float:
@@ -79,7 +101,11 @@ class PrepareSummary:
     def format(self) -> str:
         lines = [f"prepared {self.out}"]
         for split, n in sorted(self.clips.items()):
-            lines.append(f"  {split}: {n} clips ({self.written.get(split, 0)} written now)")
+            lines.append(f"  {split}: {n} clips ({self.written.get(split, 0)} written now)"
+                         + (f"; {self.val_origin}" if split == VAL and self.val_origin else ""))
+        if VAL not in self.clips:
+            lines.append("  no val split: evaluation needs data.val_source, data.val_sequences or "
+                         "data.val_fraction (or eval.split=train)")
         if self.skipped_shards:
             lines.append(f"  kept {self.skipped_shards} complete shards from an earlier run")
         stage = ", ".join(f"{k} {self.seconds.get(k, 0.0):.1f}s" for k in STAGES)
@@ -215,6 +241,65 @@ def _write_task(task: ShardTask, block: FrameBlock, cfg: DataConfig, settings: d
     table = shards.clips_table({k: np.stack(v) for k, v in cols.items()}, task.spec.name, task.starts,
                                list(range(task.first_clip, task.first_clip + len(task.starts))))
     shards.write_shard(table, Path(out) / task.path, settings)
+
+
+# ------------------------------------------------------------------------------------------------
+# the validation split
+
+
+def _own_val(cfg: DataConfig, kind: str) -> bool:
+    """The source has a ``val`` split folder of its own (prepared even when ``data.split`` omits it)."""
+    root = Path(cfg.source)
+    return (kind == "vid2vid" and (root / f"{VAL}_A").is_dir()) or \
+        (kind == "cityscapes" and (root / CityscapesRaw.FRAMES / VAL).is_dir())
+
+
+def _as_val(specs: list[SequenceSpec]) -> list[SequenceSpec]:
+    return [dataclasses.replace(s, split=VAL) for s in specs]
+
+
+def with_val_split(cfg: DataConfig, kind: str, listing: Listing) -> tuple[Listing, str | None]:
+    """``listing`` with its ``val`` sequences, and where they came from (module docstring); None when
+    there is no validation split (evaluation then needs ``eval.split=train``)."""
+    seqs, rejects = list(listing.sequences), list(listing.rejects)
+    has_val = any(s.split == VAL and s.has_frames for s in seqs)
+    if not has_val and _own_val(cfg, kind):
+        own = make_source(dataclasses.replace(cfg, split=VAL)).list()
+        seqs, rejects, has_val = seqs + own.sequences, rejects + own.rejects, True
+    if has_val:
+        if cfg.val_source or cfg.val_sequences or cfg.val_fraction:
+            log.info("the source has its own %r split; data.val_source/val_sequences/val_fraction are unused", VAL)
+        origin = ("synthetic: data.synthetic_val_sequences unseen scenes" if kind == "synthetic"
+                  else f"the source's own {VAL!r} split")
+        return Listing(seqs, rejects), origin
+    if cfg.val_source:
+        other = make_source(dataclasses.replace(cfg, source=cfg.val_source, split="all")).list()
+        val = _as_val([s for s in other.sequences if s.has_frames])
+        if not val:
+            raise PrepareError(f"data.val_source={cfg.val_source}: no sequence with real frames to validate on")
+        return Listing(seqs + val, rejects + other.rejects), f"data.val_source={cfg.val_source}"
+    train = sorted((s for s in seqs if s.split == "train" and s.has_frames), key=lambda s: s.name)
+    if cfg.val_sequences:
+        names = {s.name for s in train}
+        unknown = sorted(set(cfg.val_sequences) - names)
+        if unknown:
+            raise PrepareError(f"data.val_sequences: no training sequence named {unknown}; the training "
+                               f"sequences are {sorted(names)}")
+        held = set(cfg.val_sequences)
+        origin = f"held out of train by name: {sorted(held)}"
+    elif cfg.val_fraction > 0:
+        if len(train) < 2:
+            log.warning("data.val_fraction=%g: %d training sequence(s), none can be held out; no %r split "
+                        "(evaluation needs eval.split=train)", cfg.val_fraction, len(train), VAL)
+            return listing, None
+        k = min(len(train) - 1, max(1, round(cfg.val_fraction * len(train))))
+        held = {train[round(i)].name for i in np.linspace(0, len(train) - 1, k)}
+        origin = f"held out of train: data.val_fraction={cfg.val_fraction:g}, {len(held)} of {len(train)} " \
+                 f"sequences {sorted(held)}"
+    else:
+        return listing, None
+    out = [dataclasses.replace(s, split=VAL) if s.split == "train" and s.name in held else s for s in seqs]
+    return Listing(out, rejects), origin
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,6 +455,7 @@ def prepare(cfg: DataConfig, progress: bool = True, start_ray: Callable[[], None
     except (FileNotFoundError, ValueError) as err:
         raise PrepareError(f"data.source={cfg.source}: {err}") from None
     kind = source.kind
+    listing, val_origin = with_val_split(cfg, kind, listing)
     tasks, rejects = plan(listing.sequences, cfg)
     rejects = listing.rejects + rejects
     out = Path(cfg.out)
@@ -416,6 +502,8 @@ def prepare(cfg: DataConfig, progress: bool = True, start_ray: Callable[[], None
     if cfg.overwrite:
         _remove_stale(out, run_splits, {t.path for t in done})
     manifest = _manifest(cfg, kind, source, settings, done, rejects)
+    if val_origin and VAL in manifest["splits"]:
+        manifest["splits"][VAL]["origin"] = val_origin
     _carry_over(manifest, out, run_splits)
     shards.write_manifest(out, manifest)
     written: dict[str, int] = {}
@@ -427,7 +515,7 @@ def prepare(cfg: DataConfig, progress: bool = True, start_ray: Callable[[], None
     return PrepareSummary(out=str(out), clips={k: v["clips"] for k, v in manifest["splits"].items()},
                           written=written, skipped_shards=len(tasks) - len(todo),
                           frames=int(sum(int(r["frames"]) for r in results)), rejected=rejects,
-                          seconds=seconds)
+                          seconds=seconds, val_origin=manifest["splits"].get(VAL, {}).get("origin"))
 
 
 def _remove_stale(out: Path, splits: set[str], keep: set[str]) -> None:
@@ -448,6 +536,12 @@ def _carry_over(manifest: dict, out: Path, run_splits: set[str]) -> None:
     if old.get("settings") != manifest["settings"]:
         return
     kept = [s for s in old["shards"] if s["split"] not in run_splits and (out / s["path"]).is_file()]
+    # A sequence this run put in a split must not stay in another one (a val sequence trained on now)
+    current = {s["sequence"] for s in manifest["shards"]}
+    leaking = {s["split"] for s in kept if s["sequence"] in current}
+    for split in sorted(leaking):
+        log.warning("%s: dropping the earlier %r split: some of its sequences are in this run's splits", out, split)
+    kept = [s for s in kept if s["split"] not in leaking]
     kept_splits = {s["split"] for s in kept}
     manifest["shards"] += kept
     manifest["splits"].update({k: v for k, v in old["splits"].items() if k in kept_splits})

@@ -41,7 +41,7 @@ from vid2vid.platform.warm_start import CONFIG, WEIGHTS, load_config, weights_pa
 
 log = logging.getLogger("vid2vid.eval")
 STAGE_TIMEOUT_S = 60
-STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_MANIFEST)
+STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_MANIFEST, "styles.npz")  # styles: a multimodal model's
 
 
 def evaluate_run(cfg: Config, result: Any, shards: str | Path) -> dict[str, float]:
@@ -229,9 +229,25 @@ def evaluate_command(args: list[str]) -> int:
 
 
 def format_result(res: EvalResult) -> str:
+    """One line per metric; a Fréchet distance with its 95% interval and clip count."""
     lines = [f"evaluation at step {res.step}: {res.num_clips} clips x {res.clip_frames} frames, "
-             f"{res.split} split, {res.seconds:.1f} s",
-             *(f"  {k:<32} {v:.6g}" for k, v in sorted(res.metrics.items())),
-             *(f"  not computed: {k}: {why}" for k, why in sorted(res.skipped.items())),
-             f"  MLflow run {res.run_id} at {res.tracking_uri}"]
+             f"{res.split} split, {res.seconds:.1f} s"]
+    for k, v in sorted(res.metrics.items()):
+        if k.endswith(("/ci95_low", "/ci95_high", "/clips")):
+            continue
+        est = res.estimates.get(k)
+        ci = "" if est is None or est.low is None else f"  95% [{est.low:.4g}, {est.high:.4g}], {est.clips} clips"
+        lines.append(f"  {k:<32} {v:.6g}{ci}")
+    lines += [f"  not computed: {k}: {why}" for k, why in sorted(res.skipped.items())]
+    lines += [f"  warning: {k}: {why}" for k, why in sorted(res.tags.items()) if k.startswith("eval/small_n/")]
+    lines.append(f"  MLflow run {res.run_id} at {res.tracking_uri}")
     return "\n".join(lines)
+
+
+def check_eval_split(cfg: Config, shards: str | Path) -> None:
+    """Fail before training when the shards lack the split evaluation will read (``eval.split``),
+    rather than after hours of it; the error says how to prepare a validation split."""
+    from vid2vid.datasets.shards import load_manifest
+    from vid2vid.eval.clips import choose_split
+
+    choose_split(load_manifest(shards), cfg.eval.split, f"{shards}/manifest.json")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vid2vid.config import Config, load_config
 from vid2vid.platform import startup
-from vid2vid.platform.evaluation import evaluate_run, start_evaluator
+from vid2vid.platform.evaluation import check_eval_split, evaluate_run, start_evaluator
 from vid2vid.platform.trainer import TrainResult, ensure_ray, train
 
 log = logging.getLogger("vid2vid")
@@ -72,6 +72,7 @@ def run_experiment(argv: list[str], default_preset: str) -> ExperimentResult:
     startup.record("ray_ready")
     shards = ensure_shards(cfg)
     startup.record("shards_ready")
+    check_eval_split(cfg, shards)  # no validation split: say so now, not after training
     if cfg.eval.during_training:  # an evaluator actor fed every checkpoint; training never waits for it
         evaluator = start_evaluator(cfg, shards)
         result = train(cfg, shards, callbacks=[evaluator.callback()], progress=True)
