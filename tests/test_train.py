@@ -178,9 +178,15 @@ def test_split_placement_trains_like_colocated(progressive):
         trained = sorted(k for k in want if k not in noise and want[k].is_floating_point())
         split, colocated = (torch.cat([w[k].flatten() for k in trained]) for w in (weights["split"], want))
         assert float((split - colocated).norm() / colocated.norm()) <= 1e-5, side
-        for name in trained + sorted(noise):  # a tensor trained in one placement only would be ~1e-2 off
-            err = float((weights["split"][name] - want[name]).norm() / want[name].norm().clamp_min(1e-12))
-            assert err <= (1e-3 if name in noise else 1e-4), f"{side} {name}: relative difference {err:.3g}"
+        # Per tensor: a tensor trained in one placement only would be off by about one Adam step (~lr) per
+        # element and step. Tensors that training barely moved (the foreground branch's norm biases, a few
+        # steps of ~lr from 0, whose tiny gradients are sums that cancel) may differ by rounding amplified
+        # in Adam's normalised step: allowed up to 5% of one step.
+        for name in trained + sorted(noise):
+            diff = weights["split"][name] - want[name]
+            err = float(diff.norm() / want[name].norm().clamp_min(1e-12))
+            within = err <= (1e-3 if name in noise else 1e-4) or float(diff.abs().max()) <= 0.05 * cfg.train.lr
+            assert within, f"{side} {name}: relative difference {err:.3g}, largest {float(diff.abs().max()):.3g}"
     client = mlflow.tracking.MlflowClient(runs["colocated"].tracking_uri)
     terms = [k for k in client.get_run(runs["colocated"].mlflow_run_id).data.metrics if k.startswith(("G/", "D/"))]
     assert {"G/image_gan", "G/image_raw_gan", "G/flow_endpoint", "G/video0_gan", "D/video0"} <= set(terms)
