@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vid2vid import storage
 from vid2vid.config import ConfigError, DataConfig, validate
 from vid2vid.datasets import shards
 from vid2vid.datasets.labels import BadInput, instance_edges
@@ -212,7 +213,7 @@ def _write_task(task: ShardTask, block: FrameBlock, cfg: DataConfig, settings: d
             cols.setdefault("confidence", []).append(conf)
     table = shards.clips_table({k: np.stack(v) for k, v in cols.items()}, task.spec.name, task.starts,
                                list(range(task.first_clip, task.first_clip + len(task.starts))))
-    shards.write_shard(table, Path(out) / task.path, settings)
+    shards.write_shard(table, storage.join(out, task.path), settings)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,12 +256,12 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
     kind = source.kind
     tasks, rejects = plan(listing.sequences, cfg)
     rejects = listing.rejects + rejects
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.normalize(cfg.out)  # a folder or a URI (s3://, gs://, file://): see vid2vid.storage
+    storage.makedirs(out)
     shards.remove_temp_files(out)
     settings = _settings(cfg, kind, source)
     todo = [t for t in tasks
-            if cfg.overwrite or not shards.shard_complete(out / t.path, len(t.starts), settings)]
+            if cfg.overwrite or not shards.shard_complete(storage.join(out, t.path), len(t.starts), settings)]
     seconds = dict.fromkeys(STAGES, 0.0)
     seconds["list"] = time.perf_counter() - t_start
 
@@ -277,7 +278,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
             warnings.simplefilter("ignore", DeprecationWarning)
             ds = ds.map_batches(_ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
                                 fn_constructor_kwargs={"cfg": cfg, "kind": kind, "settings": settings,
-                                                       "out": str(out)}, max_restarts=0)
+                                                       "out": out}, max_restarts=0)
         results = ds.take_all()
 
     failed = set()
@@ -305,21 +306,21 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
             split = ShardTask.from_json(str(r["task"])).spec.split
             written[split] = written.get(split, 0) + int(r["clips"])
     seconds["total"] = time.perf_counter() - t_start
-    return PrepareSummary(out=str(out), clips={k: v["clips"] for k, v in manifest["splits"].items()},
+    return PrepareSummary(out=out, clips={k: v["clips"] for k, v in manifest["splits"].items()},
                           written=written, skipped_shards=len(tasks) - len(todo),
                           frames=int(sum(int(r["frames"]) for r in results)), rejected=rejects,
                           seconds=seconds)
 
 
-def _remove_stale(out: Path, splits: set[str], keep: set[str]) -> None:
+def _remove_stale(out: str, splits: set[str], keep: set[str]) -> None:
     """With ``overwrite``, shards of this run's splits that this run did not produce are deleted."""
     for split in splits:
-        for p in (out / split).glob("*.parquet"):
-            if p.relative_to(out).as_posix() not in keep:
-                p.unlink()
+        for p in storage.list_files(storage.join(out, split), suffix=".parquet", recursive=False):
+            if f"{split}/{storage.name(p)}" not in keep:
+                storage.delete_file(p)
 
 
-def _carry_over(manifest: dict, out: Path, run_splits: set[str]) -> None:
+def _carry_over(manifest: dict, out: str, run_splits: set[str]) -> None:
     """Keep the splits an earlier, compatible run prepared into the same folder (``split=train`` then
     ``split=test``), so each run does not forget the others; their rejects carry over with them."""
     try:
@@ -328,7 +329,7 @@ def _carry_over(manifest: dict, out: Path, run_splits: set[str]) -> None:
         return
     if old.get("settings") != manifest["settings"]:
         return
-    kept = [s for s in old["shards"] if s["split"] not in run_splits and (out / s["path"]).is_file()]
+    kept = [s for s in old["shards"] if s["split"] not in run_splits and storage.is_file(storage.join(out, s["path"]))]
     kept_splits = {s["split"] for s in kept}
     manifest["shards"] += kept
     manifest["splits"].update({k: v for k, v in old["splits"].items() if k in kept_splits})

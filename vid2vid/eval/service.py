@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vid2vid import storage
 from vid2vid.config import EvalConfig
 from vid2vid.datasets.shards import MANIFEST as SHARDS_MANIFEST
 from vid2vid.datasets.shards import check_model_fits, load_manifest
@@ -104,10 +105,11 @@ def checkpoint_step(checkpoint_dir: str | Path, step: int | None = None) -> int:
     """``step`` if given, else the training step saved in the checkpoint's ``vid2vid-checkpoint.json``."""
     if step is not None:
         return int(step)
-    if not (Path(checkpoint_dir) / CHECKPOINT_MANIFEST).is_file():
+    try:
+        return int(read_manifest(checkpoint_dir)["state"]["step"])
+    except FileNotFoundError:
         raise FileNotFoundError(f"{checkpoint_dir}: no {CHECKPOINT_MANIFEST} to read the training step from; "
-                                f"pass step=N")
-    return int(read_manifest(checkpoint_dir)["state"]["step"])
+                                f"pass step=N") from None
 
 
 def resolve_target(checkpoint_dir: str | Path, cfg, run_id: str | None = None,
@@ -117,13 +119,14 @@ def resolve_target(checkpoint_dir: str | Path, cfg, run_id: str | None = None,
     Run id: ``run_id`` > ``<run_name>/mlflow_run_id.txt``. Tracking URI: ``tracking_uri`` > the run's
     ``train.tracking_uri`` > ``MLFLOW_TRACKING_URI`` > the trainer's default SQLite file in run_dir.
     """
-    ckpt = Path(checkpoint_dir).resolve()
-    run_folder = ckpt.parent
-    run_dir = run_folder.parent.parent if run_folder.parent.name == "ray" else Path(cfg.train.run_dir).resolve()
+    ckpt = storage.normalize(checkpoint_dir)  # a folder or a URI (s3://...)
+    run_folder = storage.parent(ckpt)
+    ray_dir = storage.parent(run_folder)
+    run_dir = storage.parent(ray_dir) if storage.name(ray_dir) == "ray" else storage.normalize(cfg.train.run_dir)
     if run_id is None:
         run_id = read_run_id(run_folder)
     uri = resolve_tracking_uri(tracking_uri or cfg.train.tracking_uri, run_dir)
-    return RunTarget(run_id, uri, run_dir)
+    return RunTarget(run_id, uri, storage.local_dir(run_dir))  # statistics cache and journal: local files
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,8 +255,8 @@ def _run_pipeline(checkpoint_dir: Path, plan: ClipPlan, nets: dict[str, NetSpec]
 
 def _dataset_id(shards: Path) -> str:
     """Name of the shards folder plus a digest of its manifest: re-prepared data gets new statistics."""
-    digest = hashlib.sha256((shards / SHARDS_MANIFEST).read_bytes()).hexdigest()[:12]
-    return f"{shards.resolve().name}-{digest}"
+    digest = hashlib.sha256(storage.read_bytes(storage.join(shards, SHARDS_MANIFEST))).hexdigest()[:12]
+    return f"{storage.name(storage.normalize(shards))}-{digest}"
 
 
 def _cache_keys(shards: Path, manifest: dict, plan: ClipPlan, nets: dict[str, NetSpec]) -> dict[tuple[str, str], str]:
@@ -288,7 +291,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, shards: str | Path, eval_cfg
     (defaults: :func:`_resources`; the generator and each net are a pool, all running at once).
     """
     t0 = time.perf_counter()
-    checkpoint_dir, shards = Path(checkpoint_dir), Path(shards)
+    checkpoint_dir, shards = storage.normalize(checkpoint_dir), storage.normalize(shards)  # folders or URIs
     cfg = load_config(checkpoint_dir)
     ev = eval_cfg or cfg.eval
     step = checkpoint_step(checkpoint_dir, step)
@@ -347,7 +350,7 @@ def log_to_run(result: EvalResult, target: RunTarget, cfg, checkpoint_dir: Path)
                     checkpoint_dir, RUN_ID_FILE)
         tags["eval/checkpoint"] = str(checkpoint_dir)
     tracker = RunTracker(target.tracking_uri, cfg.train.experiment, run_id=target.run_id,
-                         run_name=None if target.run_id else f"eval-{checkpoint_dir.name}",
+                         run_name=None if target.run_id else f"eval-{storage.name(checkpoint_dir)}",
                          run_dir=target.run_dir / "eval")
     tracker.set_tags(tags)
     tracker.log_metrics(result.metrics, step=result.step)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
+from vid2vid import storage
 from vid2vid.config import Config, load_config
 from vid2vid.platform.evaluation import evaluate_run, start_evaluator
 from vid2vid.platform.trainer import TrainResult, ensure_ray, train
@@ -20,17 +20,18 @@ log = logging.getLogger("vid2vid")
 @dataclass
 class ExperimentResult:
     train: TrainResult
-    shards: Path
-    sample_videos: list[Path]
+    shards: str  # a folder or a URI (see vid2vid.storage), like every location below
+    sample_videos: list[str]
     eval_metrics: dict[str, float]
 
 
-def ensure_shards(cfg: Config) -> Path:
+def ensure_shards(cfg: Config) -> str:
     """Prepare ``cfg.data`` into ``cfg.data.out`` unless a complete manifest is already there."""
     from vid2vid.datasets.prepare import prepare
+    from vid2vid.datasets.shards import MANIFEST
 
-    out = Path(cfg.data.out)
-    if (out / "manifest.json").is_file() and not cfg.data.overwrite:
+    out = storage.normalize(cfg.data.out)
+    if storage.is_file(storage.join(out, MANIFEST)) and not cfg.data.overwrite:
         log.info("shards found at %s (data.overwrite=true rebuilds them)", out)
         return out
     summary = prepare(cfg.data, progress=True)
@@ -53,12 +54,13 @@ def run_experiment(argv: list[str], default_preset: str) -> ExperimentResult:
     else:
         result = train(cfg, shards)
         metrics = evaluate_run(cfg, result, shards)
-    samples = sorted((Path(cfg.train.run_dir).resolve() / "samples" / result.run_name).glob("*.mp4"))
+    samples = storage.list_files(storage.join(storage.normalize(cfg.train.run_dir), "samples", result.run_name),
+                                 suffix=".mp4")
     print_summary(cfg, result, samples, metrics)
     return ExperimentResult(result, shards, samples, metrics)
 
 
-def print_summary(cfg: Config, result: TrainResult, samples: list[Path], metrics: dict[str, float]) -> None:
+def print_summary(cfg: Config, result: TrainResult, samples: list[str], metrics: dict[str, float]) -> None:
     lines = [
         "",
         f"run {result.run_name} finished: {int(result.metrics.get('step', 0))} steps",

@@ -8,21 +8,31 @@ usable without DeepSpeed and loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from vid2vid import storage
+
 WEIGHTS = "weights.pt"
 CONFIG = "config.json"
 
 
-def weights_path(checkpoint_dir: str | Path, side: str) -> Path:
-    path = Path(checkpoint_dir) / side / WEIGHTS
-    if not path.is_file():
+def weights_path(checkpoint_dir: str | Path, side: str) -> str:
+    """Location of a side's weights in a checkpoint (a folder, or a URI: see :mod:`vid2vid.storage`)."""
+    path = storage.join(checkpoint_dir, side, WEIGHTS)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{checkpoint_dir}: no {side}/{WEIGHTS}; is it a vid2vid training checkpoint?")
     return path
+
+
+def load_state(path: str | Path) -> dict:
+    """A saved state dict, from a local file or a URI (``weights_only``: plain tensors, no pickled code)."""
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+    return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def save_weights(checkpoint_dir: str | Path, side: str, module: nn.Module) -> Path:
@@ -39,7 +49,7 @@ def load_matching(module: nn.Module, checkpoint_dir: str | Path, side: str) -> l
     the new one (both runs name their coarsest scale ``scales.0``), the local enhancer is new.
     Discriminators whose shapes changed (more scales) keep their fresh initialisation for those layers.
     """
-    saved = torch.load(weights_path(checkpoint_dir, side), map_location="cpu", weights_only=True)
+    saved = load_state(weights_path(checkpoint_dir, side))
     own = module.state_dict()
     matching = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     module.load_state_dict(matching, strict=False)
@@ -49,10 +59,11 @@ def load_matching(module: nn.Module, checkpoint_dir: str | Path, side: str) -> l
 def load_config(checkpoint_dir: str | Path):
     from vid2vid.config import Config, apply_mapping
 
-    path = Path(checkpoint_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: no {CONFIG}; is it a vid2vid training checkpoint?")
-    return apply_mapping(Config(), json.loads(path.read_text()))
+    try:
+        text = storage.read_text(storage.join(checkpoint_dir, CONFIG))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{checkpoint_dir}: no {CONFIG}; is it a vid2vid training checkpoint?") from None
+    return apply_mapping(Config(), json.loads(text))
 
 
 def load_generator(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
@@ -61,6 +72,6 @@ def load_generator(checkpoint_dir: str | Path, device: str | torch.device = "cpu
 
     cfg = load_config(checkpoint_dir)
     g = GeneratorSide(cfg.model)
-    state = torch.load(weights_path(checkpoint_dir, "generator"), map_location="cpu", weights_only=True)
+    state = load_state(weights_path(checkpoint_dir, "generator"))
     g.load_state_dict(state)
     return cfg, g.to(device).eval()
