@@ -57,6 +57,13 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def cluster_credentials(kind: str, token: str) -> dict[str, str]:
+    """What ``eval "$(python cluster/credentials.py KIND)"`` exports on a cluster node with Ray token ``token``."""
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "cluster" / "credentials.py"),
+                          kind], env=dict(os.environ, RAY_AUTH_TOKEN=token), capture_output=True, text=True, check=True)
+    return dict(line.removeprefix("export ").split("=", 1) for line in out.stdout.splitlines())
+
+
 @dataclass
 class MlflowServer:
     uri: str
@@ -69,8 +76,9 @@ class MlflowServer:
 def mlflow_server(root: Path, auth: bool = False) -> Iterator[MlflowServer]:
     """``mlflow server`` on 127.0.0.1 (SQLite store, artifacts served through the server, one worker).
 
-    ``auth``: MLflow's basic-auth app, admin credentials generated here and handed to clients as
-    ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (as cluster.yaml does), never written anywhere else.
+    ``auth``: MLflow's basic-auth app with the credentials ``cluster/credentials.py`` derives from a
+    fresh Ray token, as cluster.yaml starts it; clients get ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``
+    from the same script (``client_env``), never from a file.
     """
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -80,15 +88,13 @@ def mlflow_server(root: Path, auth: bool = False) -> Iterator[MlflowServer]:
            "--host", LOOPBACK, "--port", str(port), "--workers", "1"]
     client_env: dict[str, str] = {}
     if auth:
-        password = secrets.token_urlsafe(16)
+        token = secrets.token_hex(16)
         ini = root / "basic_auth.ini"
         ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'basic_auth.db'}\n"
-                       "admin_username = admin\n"
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=password,
-                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), **cluster_credentials("server", token))
         cmd += ["--app-name", "basic-auth"]
-        client_env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        client_env = cluster_credentials("client", token)
     log = root / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -161,6 +167,21 @@ def ray_auth_env() -> dict[str, str]:
 def head_node_args(temp_dir: str, dashboard_port: int, **extra) -> dict:
     """``ray.cluster_utils.Cluster`` head-node arguments: loopback dashboard (the Jobs API), free ports
     for everything the suite's own Ray also uses (agents, metrics, GCS)."""
-    return {"temp_dir": temp_dir, "port": free_port(), "include_dashboard": True, "dashboard_host": LOOPBACK,
+    return {"temp_dir": temp_dir, "gcs_server_port": free_port(), "include_dashboard": True, "dashboard_host": LOOPBACK,
             "dashboard_port": dashboard_port, "dashboard_agent_listen_port": free_port(),
             "metrics_export_port": free_port(), "runtime_env_agent_port": free_port(), **extra}
+
+
+# The suite's shared local Ray (conftest.py's ``ray_cluster``): no dashboard, 2 CPUs like CI.
+SHARED_RAY_INIT = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
+                   "runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu"}}}
+
+
+def ray_start_head(temp_dir: str, dashboard_port: int, num_cpus: int = 2) -> list[str]:
+    """``ray start --head`` as the job-submission test runs it: the dashboard and Jobs API on 127.0.0.1,
+    free ports for what the suite's own Ray also holds (agents, metrics)."""
+    return [str(BIN / "ray"), "start", "--head", f"--port={free_port()}", f"--num-cpus={num_cpus}",
+            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}"]
