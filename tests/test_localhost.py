@@ -102,12 +102,25 @@ def ray_kind(cmdline: str) -> str | None:
     return "Ray driver (its core worker)" if "vid2vid.platform.trainer import ensure_ray" in cmdline else None
 
 
-def refuses_without_token(gcs: str) -> str:
-    """What a client with a wrong token gets from the GCS at ``gcs``."""
+def refused_without_token(gcs: dict[str, str]) -> dict[str, str]:
+    """name -> what a client with a wrong token got from each GCS (`ray status`, all at once)."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}
-    out = subprocess.run([str(BIN / "ray"), "status", f"--address={gcs}"], env=env, capture_output=True,
-                         text=True, timeout=120)
-    return out.stdout + out.stderr if out.returncode != 0 else ""
+    procs = {name: subprocess.Popen([str(BIN / "ray"), "status", f"--address={address}"], env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for name, address in gcs.items()}
+    out = {}
+    for name, proc in procs.items():
+        text, _ = proc.communicate(timeout=180)
+        out[name] = text if proc.returncode != 0 else ""
+    return out
+
+
+def end_driver(proc: subprocess.Popen) -> None:
+    """Let a driver shut its Ray down (it exits when its stdin closes), then make sure it is gone."""
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=60)
+    stop(proc)
 
 
 def test_services_listen_on_loopback_and_ray_internals_need_the_token(tmp_path):
@@ -123,8 +136,8 @@ def test_services_listen_on_loopback_and_ray_internals_need_the_token(tmp_path):
         # the demo as `make demo` runs it: no RAY_AUTH_MODE set, so token auth is Ray's default here
         demo = driver("ensure_ray()", {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")})
         shared = driver(f"ray.init(**{SHARED_RAY_INIT!r})", env)
-        stack.callback(stop, demo)
-        stack.callback(stop, shared)
+        stack.callback(end_driver, demo)
+        stack.callback(end_driver, shared)
         start = ray_start_head(temp_dir, dash, num_cpus=1)
         head = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
         stack.callback(lambda: [p.kill() for p in processes_of(temp_dir) if p.is_running()])
@@ -162,11 +175,7 @@ def test_services_listen_on_loopback_and_ray_internals_need_the_token(tmp_path):
         assert denied.value.code == 401
 
         # Ray's own exposed ports: the GCS of each cluster refuses a client without its token
-        for name, address in gcs.items():
-            refused = refuses_without_token(address)
+        for name, refused in refused_without_token(gcs).items():
             assert "InvalidAuthToken" in refused or "Unauthenticated" in refused, (name, refused[-2000:])
-        for proc in (demo, shared):
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
     print("\nRay-internal ports beyond 127.0.0.1 (token-authenticated):",
           {k: sorted(v) for k, v in exposed_ray.items()})

@@ -50,6 +50,11 @@ def test_local_only_state_says_so_or_moves_to_a_local_stand_in(tmp_path, monkeyp
     assert resolve_tracking_uri(None, f"file://{tmp_path}") == f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(storage.StorageError, match="train.run_dir of a sweep must be a local folder"):
         storage.local_path("s3://b/runs", "train.run_dir of a sweep")
+    from vid2vid.datasets.labels import BadInput
+    from vid2vid.generate.inputs import open_input
+
+    with pytest.raises(BadInput, match="s3://b/shards: generation reads local files"):
+        open_input("s3://b/shards", (64, 32), 35)
     # the offline journal of a run at a URI lives on this node, under the cache, one folder per URI
     with pytest.warns(RuntimeWarning, match="unreachable"):  # nothing listens there: the record is kept
         tracker = Tracker("http://127.0.0.1:1", "e", run_name="r", run_dir="s3://b/runs", key="r", retry_after_s=60)
