@@ -73,22 +73,24 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, auth: bool = False) -> Iterator[MlflowServer]:
+def mlflow_server(root: Path, auth: bool = False, port: int | None = None,
+                  token: str | None = None) -> Iterator[MlflowServer]:
     """``mlflow server`` on 127.0.0.1 (SQLite store, artifacts served through the server, one worker).
 
     ``auth``: MLflow's basic-auth app with the credentials ``cluster/credentials.py`` derives from a
     fresh Ray token, as cluster.yaml starts it; clients get ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``
-    from the same script (``client_env``), never from a file.
+    from the same script (``client_env``), never from a file. ``port`` and the Ray ``token`` may be
+    chosen beforehand, so that clients can be configured while the server starts.
     """
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
            "--host", LOOPBACK, "--port", str(port), "--workers", "1"]
     client_env: dict[str, str] = {}
     if auth:
-        token = secrets.token_hex(16)
+        token = token or secrets.token_hex(16)
         ini = root / "basic_auth.ini"
         ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'basic_auth.db'}\n"
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
@@ -119,19 +121,24 @@ class S3Endpoint:
         return "/".join([f"s3://{self.bucket}", *parts])
 
 
+def s3_env(url: str) -> dict[str, str]:
+    """What points pyarrow (hence Ray Train and Ray Data) and boto3 at the endpoint ``url``; the
+    credentials are placeholders (moto checks none)."""
+    return {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 @contextlib.contextmanager
-def s3_endpoint(root: Path, bucket: str = "vid2vid") -> Iterator[S3Endpoint]:
-    """moto's S3 server on 127.0.0.1. pyarrow (hence Ray Train and Ray Data) and boto3 find it through
-    ``AWS_ENDPOINT_URL``; the credentials are moto's placeholders."""
+def s3_endpoint(root: Path, bucket: str = "vid2vid", port: int | None = None) -> Iterator[S3Endpoint]:
+    """moto's S3 server on 127.0.0.1 with one bucket; clients find it through :func:`s3_env`."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = root / "s3.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{LOOPBACK}:{port}"
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = s3_env(url)
     try:
         wait_http(url, proc, log)
         req = urllib.request.Request(f"{url}/{bucket}", method="PUT")  # create the bucket (moto: no auth check)

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import statistics
@@ -29,7 +30,17 @@ from pathlib import Path
 
 import psutil
 import pytest
-from services import BIN, environ, free_port, head_node_args, mlflow_server, ray_auth_env, s3_endpoint
+from services import (
+    BIN,
+    cluster_credentials,
+    environ,
+    free_port,
+    head_node_args,
+    mlflow_server,
+    ray_auth_env,
+    s3_endpoint,
+    s3_env,
+)
 
 from vid2vid import storage
 
@@ -110,13 +121,12 @@ def first_committed_step(client, experiment: str, job: subprocess.Popen, log: Pa
 
 @contextlib.contextmanager
 def cluster(spec: dict, env: dict[str, str], temp_dir: str):
-    """The head and worker nodes (tests/cluster_helper.py): yields (helper process, raylet pid -> node)."""
+    """The head and worker nodes (tests/cluster_helper.py), starting: yields the helper process; its
+    first line says they are up (:func:`nodes_up`)."""
     helper = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cluster_helper.py")), json.dumps(spec)],
                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        line = helper.stdout.readline()
-        assert line, "the cluster did not start (see the test's stderr)"
-        yield helper, {int(pid): name for pid, name in json.loads(line)["raylets"].items()}
+        yield helper
     finally:
         with contextlib.suppress(OSError):
             helper.stdin.write("shutdown\n")
@@ -131,51 +141,65 @@ def cluster(spec: dict, env: dict[str, str], temp_dir: str):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def nodes_up(helper: subprocess.Popen) -> dict[int, str]:
+    """Wait for the cluster; raylet pid -> node name."""
+    line = helper.stdout.readline()
+    assert line, "the cluster did not start (see the test's stderr)"
+    return {int(pid): name for pid, name in json.loads(line)["raylets"].items()}
+
+
 def test_a_job_on_three_nodes_loses_its_training_node_and_finishes_on_another(tmp_path):
     from mlflow.tracking import MlflowClient
 
     t_start = time.monotonic()
     env = ray_auth_env()
     temp_dir = tempfile.mkdtemp(prefix="v2vmn", dir="/tmp")  # short: Ray's socket paths are limited
-    with mlflow_server(tmp_path / "mlflow", auth=True) as server, s3_endpoint(tmp_path / "s3") as s3, \
-            environ({**s3.env, **server.client_env}):
-        node_env = {**s3.env, **server.client_env, "MLFLOW_TRACKING_URI": server.uri, "DS_ACCELERATOR": "cpu",
-                    "RAY_AUTH_MODE": "token", "XDG_CACHE_HOME": str(tmp_path / "cache")}
-        dashboard = free_port()
-        spec = {"head": head_node_args(temp_dir, dashboard, num_cpus=0, env_vars=node_env,
-                                       _system_config={"health_check_period_ms": 1000,
-                                                       "health_check_failure_threshold": 5}),
-                # a temp dir per node, as on separate machines: nodes sharing one unpack the job's
-                # working_dir into the same folder at the same time, and a driver saw files missing
-                "workers": {name: {"num_cpus": 2, "env_vars": node_env, "temp_dir": f"{temp_dir}/{name}"}
-                            for name in ("worker-1", "worker-2")}}
-        with cluster(spec, {**env, **node_env}, temp_dir) as (helper, raylets):
-            placement = Placement(raylets)
-            t_submit = time.monotonic()
-            job_log = tmp_path / "job.log"
-            data, run_dir = s3.uri("shards"), s3.uri("runs")
-            job = submit({**env, **node_env}, dashboard, job_log,
-                         [*ARGS, f"data.out={data}", f"train.run_dir={run_dir}"])
-            client = MlflowClient(tracking_uri=server.uri)
-            try:
-                first_committed_step(client, "multinode", job, job_log)
-                # the node training now is lost: its worker is frozen first (it must not finish meanwhile)
-                placement.sample()
-                (victim_pid, victim_node), = [(p, n) for p, n in placement.workers.items() if psutil.pid_exists(p)]
-                os.kill(victim_pid, signal.SIGSTOP)
-                helper.stdin.write(f"remove {victim_node}\n")
-                helper.stdin.flush()
-                assert helper.stdout.readline().strip() == f"removed {victim_node}"
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(victim_pid, signal.SIGKILL)
-                t_removed = time.monotonic()
-                job.wait(timeout=1500)
-            finally:
-                if job.poll() is None:
-                    job.kill()
-                placement.stop()
-            t_done = time.monotonic()
-            log = job_log.read_text()
+    # Addresses and credentials first, so that the nodes, the MLflow server and the S3 endpoint start
+    # at the same time; the nodes get them in the raylet's environment, as cluster.yaml gives them.
+    token, mlflow_port, s3_port = secrets.token_hex(16), free_port(), free_port()
+    client_env = cluster_credentials("client", token)
+    s3_vars = s3_env(f"http://127.0.0.1:{s3_port}")
+    node_env = {**s3_vars, **client_env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+                "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    dashboard = free_port()
+    spec = {"head": head_node_args(temp_dir, dashboard, num_cpus=0, env_vars=node_env,
+                                   _system_config={"health_check_period_ms": 1000,
+                                                   "health_check_failure_threshold": 5}),
+            # a temp dir per node, as on separate machines: nodes sharing one unpack the job's
+            # working_dir into the same folder at the same time, and a driver saw files missing
+            "workers": {name: {"num_cpus": 2, "env_vars": node_env, "temp_dir": f"{temp_dir}/{name}"}
+                        for name in ("worker-1", "worker-2")}}
+    with cluster(spec, {**env, **node_env}, temp_dir) as helper, \
+            mlflow_server(tmp_path / "mlflow", auth=True, port=mlflow_port, token=token) as server, \
+            s3_endpoint(tmp_path / "s3", port=s3_port) as s3, environ({**s3_vars, **client_env}):
+        assert server.client_env == client_env
+        raylets = nodes_up(helper)
+        placement = Placement(raylets)
+        t_submit = time.monotonic()
+        job_log = tmp_path / "job.log"
+        data, run_dir = s3.uri("shards"), s3.uri("runs")
+        job = submit({**env, **node_env}, dashboard, job_log,
+                     [*ARGS, f"data.out={data}", f"train.run_dir={run_dir}"])
+        client = MlflowClient(tracking_uri=server.uri)
+        try:
+            first_committed_step(client, "multinode", job, job_log)
+            # the node training now is lost: its worker is frozen first (it must not finish meanwhile)
+            placement.sample()
+            (victim_pid, victim_node), = [(p, n) for p, n in placement.workers.items() if psutil.pid_exists(p)]
+            os.kill(victim_pid, signal.SIGSTOP)
+            helper.stdin.write(f"remove {victim_node}\n")
+            helper.stdin.flush()
+            assert helper.stdout.readline().strip() == f"removed {victim_node}"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim_pid, signal.SIGKILL)
+            t_removed = time.monotonic()
+            job.wait(timeout=1500)
+        finally:
+            if job.poll() is None:
+                job.kill()
+            placement.stop()
+        t_done = time.monotonic()
+        log = job_log.read_text()
         print(f"\nmultinode: cluster up {t_submit - t_start:.0f}s, job {t_done - t_submit:.0f}s (node removed at "
               f"{t_removed - t_submit:.0f}s), train workers {placement.workers}, driver {placement.drivers}")
 

@@ -168,14 +168,14 @@ def load_manifest(out: str | Path) -> dict:
     return manifest
 
 
-def shard_paths(out: str | Path, split: str = "train") -> list[str]:
-    """Shard files of ``split`` listed by the manifest (not a glob: stale files are never read), as
-    locations (paths, or URIs when ``out`` is one) that pyarrow's Parquet readers open as they are."""
+def shard_paths(out: str | Path, split: str = "train") -> list[Path | str]:
+    """Shard files of ``split`` listed by the manifest (not a glob: stale files are never read): paths
+    for a folder, URIs (strings) when ``out`` is one; pyarrow's Parquet readers open both as they are."""
     manifest = load_manifest(out)
     if split not in manifest["splits"]:
         raise ShardError(f"{storage.join(out, MANIFEST)}: no split {split!r}; it has {sorted(manifest['splits'])}")
-    root = out if storage.is_uri(out) else storage.normalize(out)
-    paths = [storage.join(root, s["path"]) for s in manifest["shards"] if s["split"] == split]
+    paths = [storage.join(out, s["path"]) if storage.is_uri(out) else Path(out) / s["path"]
+             for s in manifest["shards"] if s["split"] == split]
     for p in paths:
         if not storage.is_file(p):
             raise ShardError(f"{p}: listed in the manifest but missing; prepare again")
