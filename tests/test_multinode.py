@@ -55,6 +55,11 @@ ARGS = ["preset=smoke", f"train.run_name={RUN}", f"train.max_steps={MAX_STEPS}",
         "train.max_frames_total=4"]
 
 
+# This test's own MLflow client waits for a busy server (the platform's default gives up after 5 s,
+# so that a dead server costs training little: vid2vid/platform/mlflow_records.py)
+PATIENT_CLIENT = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "120", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
+
+
 class Placement:
     """Which node's raylet each train worker and the driver descend from, sampled while the job runs."""
 
@@ -171,7 +176,8 @@ def test_a_job_on_three_nodes_loses_its_training_node_and_finishes_on_another(tm
                         for name in ("worker-1", "worker-2")}}
     with cluster(spec, {**env, **node_env}, temp_dir) as helper, \
             mlflow_server(tmp_path / "mlflow", auth=True, port=mlflow_port, token=token) as server, \
-            s3_endpoint(tmp_path / "s3", port=s3_port) as s3, environ({**s3_vars, **client_env}):
+            s3_endpoint(tmp_path / "s3", port=s3_port) as s3, \
+            environ({**s3_vars, **client_env, **PATIENT_CLIENT}):
         assert server.client_env == client_env
         raylets = nodes_up(helper)
         placement = Placement(raylets)

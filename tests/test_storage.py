@@ -25,9 +25,16 @@ SMOKE = ["preset=smoke", "data.synthetic_sequences=2", "data.synthetic_frames=8"
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_endpoint(tmp_path_factory.mktemp("s3")) as endpoint, environ(endpoint.env):
+def s3_server(tmp_path_factory):
+    with s3_endpoint(tmp_path_factory.mktemp("s3")) as endpoint:
         yield endpoint
+
+
+@pytest.fixture
+def s3(s3_server):
+    """The endpoint, with this process's S3 clients pointed at it for one test (not Ray's workers)."""
+    with environ(s3_server.env):
+        yield s3_server
 
 
 def test_locations_keep_their_scheme_and_query():
@@ -50,6 +57,10 @@ def test_local_only_state_says_so_or_moves_to_a_local_stand_in(tmp_path, monkeyp
     assert resolve_tracking_uri(None, f"file://{tmp_path}") == f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(storage.StorageError, match="train.run_dir of a sweep must be a local folder"):
         storage.local_path("s3://b/runs", "train.run_dir of a sweep")
+    from vid2vid.datasets.prepare import PrepareError
+
+    with pytest.raises(PrepareError, match="data.source=s3://b/raw: sources are read from a local folder"):
+        prepare(load_config([*SMOKE, "data.source=s3://b/raw", "data.source_kind=vid2vid"]).data)
     from vid2vid.datasets.labels import BadInput
     from vid2vid.generate.inputs import open_input
 

@@ -247,6 +247,9 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
     import ray.data
 
     _check(cfg)
+    if storage.is_remote(cfg.source):  # the output may be a URI, the sources are local files
+        raise PrepareError(f"data.source={cfg.source}: sources are read from a local folder or file on the "
+                           f"node that prepares them; download or sync them there first")
     t_start = time.perf_counter()
     try:
         source = make_source(cfg)
