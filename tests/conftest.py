@@ -51,6 +51,28 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def world1(tmp_path_factory):
+    """This process as a torch.distributed world of one (gloo), so DeepSpeed engines can be built here."""
+    import torch.distributed as dist
+
+    env = {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP, groups.mpu = None, None  # DeepSpeed caches groups of this process group
+    dist.destroy_process_group()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

@@ -1,14 +1,16 @@
 """DeepSpeed engines for a GAN on CPU/gloo, checked step for step against plain PyTorch.
 
 One process (world size 1) for the two-engine GAN, checkpoints and the optimizer rebuild; one
-2-process spawn for data parallelism (colocated, and through the ``mpu`` adaptor) and for the
-split G/D hand-off.
+2-process spawn for data parallelism (colocated, and through the ``mpu`` adaptor) and for engines
+under the split placement's groups. The split G/D hand-off itself runs in the Ray Train tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +19,15 @@ from spawn import spawn_collect
 from torch import nn
 
 from vid2vid.config import TrainConfig
-from vid2vid.platform.checkpoint import read_checkpoint, write_checkpoint
+from vid2vid.platform.checkpoint import decode_rng, encode_rng, read_checkpoint, read_rank_state, write_checkpoint
 from vid2vid.platform.engines import (
+    UnsafeCheckpointError,
     build_engine,
     deepspeed_config,
     forward_precision,
     frozen,
     get_lr,
+    load_weights_only,
     rebuild_optimizer,
     set_lr,
 )
@@ -31,6 +35,7 @@ from vid2vid.platform.schedule import apply_lr_decay
 
 LR, BETAS = 1e-2, (0.5, 0.999)
 DS_ENV = {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+# world1 (tests/conftest.py): this process as a torch.distributed world of one, for DeepSpeed engines
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,24 +109,6 @@ def adam_state(engine) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world1(tmp_path_factory):
-    old = {k: os.environ.get(k) for k in DS_ENV}
-    os.environ.update(DS_ENV)
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    from deepspeed.utils import groups
-
-    groups._WORLD_GROUP, groups.mpu = None, None  # DeepSpeed caches groups of this process group
-    dist.destroy_process_group()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def test_deepspeed_config_follows_train_config():
     cfg = TrainConfig(batch_size=2, zero_stage=2, grad_clip=0.5, precision="auto")
     c = deepspeed_config(cfg, 4, on_gpu=False)
@@ -185,7 +172,10 @@ def test_checkpoint_round_trip_into_fresh_engines(world1, tmp_path, stage):
     ge, de = build_engine(g, cfg, LR, BETAS), build_engine(d, cfg, LR, BETAS)
     engine_gan(ge, de, data[:2])
     state = {"epoch": 1, "step": 2, "batch_in_epoch": 2}
-    write_checkpoint(tmp_path / "ck", {"generator": ge, "discriminator": de}, state)
+    rng = torch.Generator().manual_seed(3)
+    torch.randperm(10, generator=rng)  # a generator part-way through its stream
+    write_checkpoint(tmp_path / "ck", {"generator": ge, "discriminator": de}, state,
+                     rank_state={"rng": encode_rng(rng)})
 
     g2, d2 = make_gan(7)  # different initial weights, fresh optimizers
     ge2, de2 = build_engine(g2, cfg, LR, BETAS), build_engine(d2, cfg, LR, BETAS)
@@ -201,10 +191,47 @@ def test_checkpoint_round_trip_into_fresh_engines(world1, tmp_path, stage):
     engine_gan(ge2, de2, data[2:])
     assert torch.equal(flat(g), flat(g2)) and torch.equal(flat(d), flat(d2))
 
+    # This rank's phi_I/phi_V generator continues where it was saved.
+    restored = decode_rng(read_rank_state(tmp_path / "ck", 0)["rng"], torch.Generator())
+    assert torch.equal(torch.randperm(10, generator=restored), torch.randperm(10, generator=rng))
+    with pytest.raises(FileNotFoundError, match=r"no ranks/1.json for rank 1 .*train.num_workers"):
+        read_rank_state(tmp_path / "ck", 1)
+
     with pytest.raises(KeyError, match="flow_net"):
         read_checkpoint(tmp_path / "ck", {"flow_net": ge2})
     with pytest.raises(FileNotFoundError, match="not a vid2vid checkpoint"):
         read_checkpoint(tmp_path, {"generator": ge2})
+
+
+class RunsCode:
+    """Unpickling this calls ``exec``: what a tampered checkpoint on shared storage could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_tampered_checkpoint_is_refused_and_runs_nothing(world1, tmp_path, victim):
+    cfg = TrainConfig(zero_stage=2)
+    ge, de = (build_engine(m, cfg, LR, BETAS) for m in make_gan(0))
+    engine_gan(ge, de, batches(1, 1))
+    write_checkpoint(tmp_path / "ck", {"generator": ge, "discriminator": de}, {"step": 1})
+    path = tmp_path / "ck" / "generator" / "state" / victim
+    marker = tmp_path / "ran"
+    torch.save({**load_weights_only(path), "extra": RunsCode(marker)}, path)
+    torch.load(path, weights_only=False)  # what DeepSpeed's own loader does: the code runs
+    assert marker.read_text() == "ran"
+    marker.unlink()
+
+    fresh = {"generator": build_engine(make_gan(1)[0], cfg, LR, BETAS),
+             "discriminator": build_engine(make_gan(1)[1], cfg, LR, BETAS)}
+    refused = re.escape(str(path)) + r": refused to load \(Unsupported global: GLOBAL exec\)"
+    with pytest.raises(UnsafeCheckpointError, match=refused):
+        read_checkpoint(tmp_path / "ck", fresh)
+    assert not marker.exists()
 
 
 def test_set_lr_and_decay_reach_the_engine_optimizer(world1):
@@ -283,19 +310,22 @@ def _dp_worker(rank: int, store: str, ckpt_dir: str, q) -> None:
             out[name] = (flat(g).tolist(), flat(d).tolist(), ge.dp_world_size)
             ge.destroy()
             de.destroy()
-        # (c) split: rank 0 holds G, rank 1 holds D; fake frames go over, their gradient comes back.
-        # Stage 0 too: its gradient clipping all-reduces norms over the mpu's model-parallel group.
+        # (c) the split placement's groups: rank 0 holds G, rank 1 holds D, each data parallel over a
+        # group of one. Each engine steps on its own loss (the G/D hand-off itself runs in the Ray Train
+        # test, test_train.py::test_split_placement_trains_like_colocated). Stage 0 too: its gradient
+        # clipping all-reduces norms over the mpu's model-parallel group.
         plan = plan_placement(2, 0, "split")
         groups = make_groups(plan)
+        role = plan.role(rank)
         for stage in (0, 2):
-            g, d = make_gan(0)
-            mine = g if plan.role(rank) == "generator" else d
+            mine = make_gan(0)[0 if role == "generator" else 1]
             eng = build_engine(mine, TrainConfig(zero_stage=stage, grad_clip=0.5), LR, BETAS, groups["mpu"])
-            _split_steps(eng, plan, rank, batches(20, 2))
+            for x, real in batches(20, 2):
+                eng.backward(own_loss(eng, role, x, real))
+                eng.step()
             out[f"split{stage}"] = (flat(mine).tolist(), eng.dp_world_size)
         # Each side writes only its own engine into one shared folder (as Ray merges the ranks'
         # checkpoint folders); a fresh engine on the same rank reads it back.
-        role = plan.role(rank)
         write_checkpoint(ckpt_dir, {role: eng}, {"step": 2}, all_engines=["discriminator", "generator"])
         dist.barrier()
         fresh = make_gan(5)[0 if role == "generator" else 1]
@@ -306,25 +336,11 @@ def _dp_worker(rank: int, store: str, ckpt_dir: str, q) -> None:
         dist.destroy_process_group()
 
 
-def _split_steps(eng, plan, rank, data) -> None:
-    peer = plan.partner(rank)
-    for x, real in data:
-        if plan.role(rank) == "generator":
-            fake = eng(x)
-            dist.send(fake.detach().contiguous(), peer)
-            grad = torch.empty_like(fake)
-            dist.recv(grad, peer)
-            eng.backward((fake * grad).sum())  # d(loss)/d(G params) by the chain rule
-            eng.step()
-        else:
-            fake = torch.empty(1, 3, 8, 8)
-            dist.recv(fake, peer)
-            eng.backward(d_loss(eng(torch.cat([real, fake]))))
-            eng.step()
-            fake.requires_grad_(True)
-            with frozen(eng.module):
-                (grad,) = torch.autograd.grad(g_loss(eng.module(fake)), fake)
-            dist.send(grad.contiguous(), peer)
+def own_loss(engine, role: str, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """G: its generator loss through a fixed critic; D: the D loss on real and a fixed fake."""
+    if role == "generator":
+        return (engine(x) - 1).square().mean()
+    return d_loss(engine(torch.cat([real, torch.zeros_like(real)])))
 
 
 def test_two_processes_data_parallel_and_split(tmp_path):
@@ -351,9 +367,15 @@ def test_two_processes_data_parallel_and_split(tmp_path):
         torch.testing.assert_close(torch.tensor(g0), flat(g_ref), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(torch.tensor(d0), flat(d_ref), atol=1e-5, rtol=1e-4)
 
-    # Split equals colocated on the same data and weights: each side is data parallel over 1 rank.
+    # Each side under the split groups steps like plain PyTorch on its own loss.
     g_ref, d_ref = make_gan(0)
-    reference_gan(g_ref, d_ref, batches(20, 2), clip=0.5)
+    og, od = torch.optim.Adam(g_ref.parameters(), LR, BETAS), torch.optim.Adam(d_ref.parameters(), LR, BETAS)
+    for x, real in batches(20, 2):
+        for net, opt, role in ((g_ref, og, "generator"), (d_ref, od, "discriminator")):
+            opt.zero_grad()
+            own_loss(net, role, x, real).backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 0.5)
+            opt.step()
     assert res[0]["restored"] == res[1]["restored"] == ({"step": 2}, True)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
         "discriminator", "generator", "vid2vid-checkpoint.json"]

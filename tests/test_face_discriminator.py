@@ -81,17 +81,20 @@ def test_face_terms_join_the_objective_and_only_the_face_region_feeds_them():
     assert {"face_gan", "face_feat"} <= set(result.generator.terms) and "face" in result.discriminator.terms
     assert any(not torch.equal(a, b) for a, b in zip(face0, d.face.parameters(), strict=True))
 
-    # The face GAN term's gradient w.r.t. the fake frame lives in the head's square only.
+    # The face GAN term's gradient w.r.t. the fake frames lives in the head's square of each judged frame.
     adv = adversarial_inputs(cfg, pose_clip(), result.sequence, torch.Generator().manual_seed(1))
     fake = adv.fake.detach().requires_grad_(True)
     adv.fake = fake
     j = judge(d, adv)
     grad = torch.autograd.grad(objective.generator_adversarial(j).terms["face_gan"], fake)[0]
-    t = adv.image_indices[0]
-    box = face_boxes(adv.sources[:, t], cfg.face_crop)
-    (y, x), s = box.top_left[0].tolist(), box.side
-    inside = grad[0, t, :, y:y + s, x:x + s]
-    assert inside.abs().sum() > 0 and grad.abs().sum() == pytest.approx(inside.abs().sum().item())
+    inside = 0.0
+    for t in adv.image_indices:
+        box = face_boxes(adv.sources[:, t], cfg.face_crop)
+        (y, x), s = box.top_left[0].tolist(), box.side
+        frame_inside = grad[0, t, :, y:y + s, x:x + s].abs().sum().item()
+        assert frame_inside > 0, t
+        inside += frame_inside
+    assert grad.abs().sum() == pytest.approx(inside)
     names = adversarial_names(adv, face=True)  # the split placement's layout matches the objective's
     assert names == (list(objective.generator_adversarial(j).terms), list(objective.discriminator(j).terms))
 

@@ -13,7 +13,6 @@ from vid2vid.platform.schedule import (
     coarse_frozen,
     lr_factor,
     plan_epoch,
-    unfreeze_now,
 )
 
 
@@ -70,15 +69,14 @@ def test_lr_decay_accepts_an_object_with_an_optimizer_like_a_deepspeed_engine():
 
 def test_spatial_fine_tuning_switch():
     assert [coarse_frozen(e, 3) for e in range(5)] == [True, True, True, False, False]
-    assert [unfreeze_now(e, 3) for e in range(5)] == [False, False, False, True, False]
-    assert not any(coarse_frozen(e, 0) or unfreeze_now(e, 0) for e in range(3))
+    assert not any(coarse_frozen(e, 0) for e in range(3))
 
 
 def test_plan_epoch_reads_train_config():
     cfg = TrainConfig(n_frames_total=4, niter_step=2, max_frames_total=12, niter=2, niter_decay=3,
                       niter_fix_global=2)
     p = plan_epoch(2, cfg, available=30)
-    assert (p.clip_len, p.lr_factor, p.coarse_frozen, p.rebuild_optimizer) == (8, 0.75, False, True)
+    assert (p.clip_len, p.lr_factor, p.coarse_frozen) == (8, 0.75, False)
     assert plan_epoch(0, cfg).coarse_frozen and plan_epoch(9, cfg).clip_len == 12
 
 

@@ -28,7 +28,7 @@ class AdversarialInputs:
     fake: Tensor  # (N, T, 3, H, W)
     fake_raw: Tensor | None  # hallucinated frames, judged by D_I too when flow warping is on
     real_flows: Tensor  # (N, T, 2, H, W) backward flows of the real frames (D_V condition)
-    image_indices: list[int]  # phi_I draws
+    image_indices: list[int]  # frames D_I judges: 0 and the phi_I draws
     video_windows: list[list[int] | None]  # phi_V draw per temporal scale (None: clip too short)
 
     def detached(self) -> AdversarialInputs:
@@ -54,9 +54,16 @@ class Judgement:
 def draw_adversarial_inputs(cfg: ModelConfig, sources: Tensor, real: Tensor, real_flows: Tensor,
                             seq: SequenceOutput, generator: torch.Generator,
                             image_frames: int = 1) -> AdversarialInputs:
-    """Apply phi_I and phi_V to the clip with an explicit RNG (reproducible across ranks)."""
+    """Apply phi_I and phi_V to the clip with an explicit RNG (reproducible across ranks).
+
+    D_I judges frame 0 on every step, beside phi_I's ``image_frames`` draws from frames 1..T-1.
+    Frame 0 is the output of G's no-previous-frame path, which starts every generated video; no later
+    frame's loss reaches it (previous frames enter G detached), so without this it would learn only
+    on the steps where phi_I drew it (and the VGG loss, when on). Frames 1.. get the flow and warp
+    losses on every step. See the README, "First frames".
+    """
     T = seq.frames.shape[1]
-    indices = sample_image_indices(T, image_frames, generator)
+    indices = [0] + [1 + i for i in sample_image_indices(T - 1, image_frames, generator)] if T > 1 else [0]
     windows: list[list[int] | None] = []
     if cfg.video_discriminator:
         for s in range(cfg.n_scales_temporal):

@@ -1,13 +1,17 @@
 """DeepSpeed engines for a GAN: construction on CPU and GPU, learning rate, rebuild, save/load.
 
 Two engines live in one process when G and D are colocated. On CPU/gloo with ZeRO-1/2 this works
-only under two rules (see ``../shared/STACK.md``), which the train loop must follow:
+only under two rules (each seen failing otherwise with DeepSpeed 0.19.8), which the train loop must follow:
 
 1. D is forwarded through its engine exactly once per ``d_engine.backward`` (real and fake in one
    batch): ZeRO-2 reduces each gradient once per backward and asserts on a second forward.
 2. In G's step D's parameters are frozen and D is called as the bare module,
    ``with frozen(d_engine.module): d_engine.module(fake)``: the engine wrapper's hooks would try to
    reduce gradients D does not have (``IndexError`` in ``reduce_ipg_grads``).
+
+Checkpoints come from shared storage, so every engine reads them with ``torch.load(weights_only=True)``
+(:class:`WeightsOnlyCheckpointEngine`): tensors, containers and the few DeepSpeed types its ZeRO
+optimizer state holds, never arbitrary objects. DeepSpeed's own engine unpickles anything.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pickle
+import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,45 @@ if not torch.cuda.is_available():  # silences DeepSpeed's accelerator auto-detec
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 TAG = "state"  # one checkpoint per directory: a fixed tag keeps paths predictable
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds something other than tensors and DeepSpeed's known state types."""
+
+
+def _deepspeed_safe_globals() -> list[type]:
+    """The non-builtin types DeepSpeed 0.19 pickles into a ZeRO-1/2 optimizer state file (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``); plain data classes, no code runs."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)`` with DeepSpeed's state types allowed; anything else
+    (a pickle that would call a function) is refused with an error naming the file."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL \S+", str(exc))
+        reason = found.group(0) if found else str(exc).strip().splitlines()[0]
+        raise UnsafeCheckpointError(f"checkpoint file {path}: refused to load ({reason}): it holds more than "
+                                    "tensors and DeepSpeed's state. Was it written by this code?") from None
+
+
+def _weights_only_checkpoint_engine(config: Any):
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch.save/torch.load engine with a weights-only load."""
+
+        def load(self, path: str, map_location=None):
+            return load_weights_only(path, map_location)
+
+    return WeightsOnlyCheckpointEngine(config)
 
 
 def _on_gpu() -> bool:
@@ -108,6 +153,8 @@ def build_engine(module: nn.Module, train_cfg: Any, lr: float, betas: tuple[floa
     optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(betas))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
                                            mpu=group_mpu, dist_init_required=False)
+    # Every load of this engine (module, ZeRO shards, optimizer) goes through checkpoint_engine.load.
+    engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
     engine._vid2vid_betas = tuple(betas)  # for rebuild_optimizer
     engine._vid2vid_mpu = group_mpu
     return engine
@@ -159,8 +206,8 @@ def save_engines(directory: str | Path, engines: Mapping[str, Any], client_state
     """Save each engine (weights and optimizer state, ZeRO partitions included) under ``dir/<name>``.
 
     Every rank of an engine's data-parallel group must call this: each writes its own ZeRO shard.
-    ``client_state`` is stored with every engine so that any rank, whatever engines it holds, can
-    read it back.
+    ``client_state`` is stored with every engine (the training loop keeps its state in the
+    checkpoint manifest instead, see :mod:`vid2vid.platform.checkpoint`).
     """
     directory = Path(directory)
     if not engines:

@@ -9,7 +9,11 @@
   the end of 1-based epoch e is the same ramp shifted by one epoch.) It is applied to EVERY optimizer
   handed over, D_V included; the reference never decays D_V.
 - Spatial: when a finer scale is added, the coarser scales stay frozen for ``niter_fix_global``
-  epochs, then everything is fine-tuned with a freshly built optimizer.
+  epochs, then everything is fine-tuned with a freshly built optimizer. The switch is not tied to a
+  moment ("the first batch of epoch N"): the worker compares the epoch's plan with the frozen state
+  its engines have (``ScheduleState.coarse_frozen``, saved in every checkpoint) and rebuilds when they
+  differ, so a run resumed anywhere before, at or after the switch builds the optimizer the checkpoint
+  was written with, and switches once.
 """
 
 from __future__ import annotations
@@ -83,18 +87,12 @@ def coarse_frozen(epoch: int, niter_fix_global: int) -> bool:
     return epoch < niter_fix_global
 
 
-def unfreeze_now(epoch: int, niter_fix_global: int) -> bool:
-    """True at the first epoch of full fine-tuning: the moment to rebuild the optimizer."""
-    return niter_fix_global > 0 and epoch == niter_fix_global
-
-
 @dataclass(frozen=True)
 class EpochPlan:
     epoch: int
     clip_len: int
     lr_factor: float
     coarse_frozen: bool
-    rebuild_optimizer: bool
 
 
 def plan_epoch(epoch: int, train_cfg: Any, available: int | None = None) -> EpochPlan:
@@ -105,7 +103,6 @@ def plan_epoch(epoch: int, train_cfg: Any, available: int | None = None) -> Epoc
         clip_len=clip_length(epoch, c.n_frames_total, c.niter_step, c.max_frames_total, available),
         lr_factor=lr_factor(epoch, c.niter, c.niter_decay),
         coarse_frozen=coarse_frozen(epoch, c.niter_fix_global),
-        rebuild_optimizer=unfreeze_now(epoch, c.niter_fix_global),
     )
 
 
@@ -120,7 +117,7 @@ class ScheduleState:
     epoch: int = 0
     step: int = 0  # optimizer steps taken so far (global)
     clip_len: int = 0
-    coarse_frozen: bool = False
+    coarse_frozen: bool = False  # the coarse scales are frozen in G's engine now (its optimizer skips them)
     batch_in_epoch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # loop-specific, JSON-serialisable
 

@@ -27,10 +27,10 @@ from vid2vid.datasets.shards import Clip
 from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.objective import LossTerms, Objective
 from vid2vid.models.vid2vid import GeneratorSide
-from vid2vid.platform import handoff
+from vid2vid.platform import handoff, startup
 from vid2vid.platform.engines import build_engine, forward_precision, frozen, rebuild_optimizer, set_lr
 from vid2vid.platform.placement import Placement, make_groups, plan_placement
-from vid2vid.platform.schedule import ScheduleState, plan_epoch
+from vid2vid.platform.schedule import EpochPlan, ScheduleState, plan_epoch
 from vid2vid.platform.step import adversarial_inputs, colocated_step, generate_for_training
 from vid2vid.platform.warm_start import CONFIG, load_matching, save_weights
 
@@ -48,11 +48,13 @@ class WorkerContext:
     objective: Objective
     mpu: Any
     precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # bf16 autocast on GPU
+    rng: torch.Generator | None = None  # phi_I / phi_V draws of a generator rank; saved in every checkpoint
     clip_len: int | None = None  # frames per prepared clip (the schedule's cap), from the manifest
     last_clip: Clip | None = None  # for the closing sample video
     last_step: int = 0
-    fail_at_step: int = -1
+    fail_at_steps: tuple[int, ...] = ()
     fail_marker: str | None = None
+    fit_time: float | None = None  # when the driver called fit(): startup/* metrics are measured from it
     restored_checksum: float | None = None  # sum |w| of G after a resume, reported once (tests check it)
 
 
@@ -70,9 +72,50 @@ def build_sides(cfg: Config, role: str, device: torch.device) -> tuple[Generator
     return (g if role in ("both", "generator") else None), (d if role in ("both", "discriminator") else None)
 
 
-def setup(cfg: Config) -> WorkerContext:
+def initial_coarse_frozen(cfg: Config) -> bool:
+    """Whether a fresh run starts with its coarse scales frozen (epoch 0 of the schedule)."""
+    return plan_epoch(0, cfg.train).coarse_frozen
+
+
+def prepare_sides(cfg: Config, role: str, device: torch.device, coarse_frozen: bool,
+                  warm_start_from: str | None = None, log_rank: bool = True):
+    """The modules of this rank, warm-started and frozen as they must be BEFORE the engines exist.
+
+    DeepSpeed's ZeRO-1/2 optimizer copies the trainable weights into its own fp32 partition at
+    ``initialize`` and writes that copy back after every step: weights loaded into the module later
+    would be undone by the first step. The frozen coarse scales decide which parameters Adam holds,
+    so they too are set first (from the checkpoint on a resume, from epoch 0 of the schedule otherwise).
+    """
+    g, d = build_sides(cfg, role, device)
+    if warm_start_from:
+        for name, side in (("generator", g), ("discriminator", d)):
+            if side is not None:
+                matched = load_matching(side, warm_start_from, name)
+                if log_rank:
+                    log.warning("warm start %s from %s: %d tensors loaded, %d kept as initialised in %s",
+                                name, warm_start_from, len(matched.copied), len(matched.new + matched.reshaped),
+                                ", ".join(matched.new_modules()) or "none")
+    if g is not None:
+        g.generator.freeze_coarse_scales(coarse_frozen)
+    return g, d
+
+
+def build_engines(cfg: Config, g: Any, d: Any, mpu: Any) -> dict[str, Any]:
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    engines: dict[str, Any] = {}
+    if g is not None:
+        engines["generator"] = build_engine(g, cfg.train, cfg.train.lr, betas, mpu)
+    if d is not None:
+        engines["discriminator"] = build_engine(d, cfg.train, cfg.train.lr, betas, mpu)
+    return engines
+
+
+def setup(cfg: Config, resume_dir: str | None = None) -> WorkerContext:
+    """Build this rank's engines; ``resume_dir`` is the checkpoint a resumed run continues from."""
     import ray.train
     import ray.train.torch
+
+    from vid2vid.platform.checkpoint import read_state
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -80,30 +123,31 @@ def setup(cfg: Config) -> WorkerContext:
     placement = plan_placement(world, cfg.train.gpus_per_worker if cfg.train.use_gpu else 0, cfg.train.placement)
     groups = make_groups(placement)
     role = placement.role(rank)
-    g, d = build_sides(cfg, role, device)
-    if g is not None and cfg.model.n_scales_spatial > 1 and cfg.train.niter_fix_global > 0:
-        g.generator.freeze_coarse_scales(True)
-    betas = (cfg.train.beta1, cfg.train.beta2)
-    engines: dict[str, Any] = {}
-    if g is not None:
-        engines["generator"] = build_engine(g, cfg.train, cfg.train.lr, betas, groups["mpu"])
-    if d is not None:
-        engines["discriminator"] = build_engine(d, cfg.train, cfg.train.lr, betas, groups["mpu"])
-    return WorkerContext(cfg, rank, world, placement, device, engines, Objective(cfg.model).to(device), groups["mpu"],
-                         forward_precision(cfg.train, device))
+    if resume_dir is None:
+        frozen_now, warm = initial_coarse_frozen(cfg), cfg.train.warm_start
+    else:  # a checkpoint's own weights win over any warm start
+        frozen_now, warm = bool(read_state(resume_dir).get("coarse_frozen", False)), None
+    g, d = prepare_sides(cfg, role, device, frozen_now, warm, log_rank=rank == min(placement.group_ranks(rank)))
+    rng = torch.Generator().manual_seed(cfg.train.seed + 7919 * rank) if g is not None else None
+    return WorkerContext(cfg, rank, world, placement, device, build_engines(cfg, g, d, groups["mpu"]),
+                         Objective(cfg.model).to(device), groups["mpu"], forward_precision(cfg.train, device), rng)
 
 
-def restore(wc: WorkerContext) -> ScheduleState:
-    import ray.train
+def restore(wc: WorkerContext, resume_dir: str | None) -> ScheduleState:
+    """Weights, Adam states, schedule, data position and phi draws of the checkpoint (a fresh state
+    without one)."""
+    from vid2vid.platform.checkpoint import decode_rng, read_checkpoint, read_rank_state
 
-    from vid2vid.platform.checkpoint import read_checkpoint
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        if wc.cfg.train.warm_start:
-            warm_start(wc, wc.cfg.train.warm_start)
-        return ScheduleState()
-    state = ScheduleState.from_dict(read_checkpoint(checkpoint, wc.engines))
+    if resume_dir is None:
+        return ScheduleState(coarse_frozen=initial_coarse_frozen(wc.cfg))
+    state = ScheduleState.from_dict(read_checkpoint(resume_dir, wc.engines))
+    if wc.rng is not None:
+        saved = read_rank_state(resume_dir, wc.rank)
+        if saved is None:
+            log.warning("rank %d: checkpoint %s predates saved phi_I/phi_V generators; the draws restart from "
+                        "the seed", wc.rank, resume_dir)
+        else:
+            decode_rng(saved["rng"], wc.rng)
     if "generator" in wc.engines:
         wc.restored_checksum = float(sum(p.detach().abs().sum() for p in wc.engines["generator"].module.parameters()))
     log.info("rank %d resumed at epoch %d step %d (batch %d of the epoch)", wc.rank, state.epoch, state.step,
@@ -111,24 +155,16 @@ def restore(wc: WorkerContext) -> ScheduleState:
     return state
 
 
-def warm_start(wc: WorkerContext, path: str) -> None:
-    """Initialise from a lower-resolution run: matching tensors are copied, new layers listed."""
-
-    for name, engine in wc.engines.items():
-        new = load_matching(engine.module, path, name)
-        if wc.rank == 0:
-            log.warning("warm start %s from %s: %d new tensors not in the checkpoint: %s", name, path, len(new),
-                        ", ".join(new[:20]) + (" ..." if len(new) > 20 else ""))
-
-
 def save(wc: WorkerContext, state: ScheduleState, metrics: dict[str, float]) -> None:
     """Every rank writes what it owns into a local directory and reports it; Ray merges them."""
     import ray.train
 
-    from vid2vid.platform.checkpoint import write_checkpoint
+    from vid2vid.platform.checkpoint import encode_rng, write_checkpoint
 
+    rank_state = None if wc.rng is None else {"rng": encode_rng(wc.rng)}
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(tmp, wc.engines, state.to_dict(), all_engines=["generator", "discriminator"])
+        write_checkpoint(tmp, wc.engines, state.to_dict(), all_engines=["generator", "discriminator"],
+                         rank_state=rank_state)
         for name, engine in wc.engines.items():  # plain weights, once per side (ZeRO-1/2 keep full weights)
             if wc.rank == min(wc.placement.group_ranks(wc.rank)):
                 save_weights(tmp, name, engine.module)
@@ -146,15 +182,18 @@ def report(wc: WorkerContext, state: ScheduleState, metrics: dict[str, float], c
         ray.train.report(metrics)
 
 
-def _apply_epoch(wc: WorkerContext, epoch: int, lr_factor: float, rebuild: bool, coarse_frozen: bool) -> None:
-    """Learning-rate decay on every engine this rank holds (G, D_I and all D_V share the D engine);
-    at the end of spatial fine-tuning, unfreeze the coarse scales and build a fresh optimizer."""
+def _apply_epoch(wc: WorkerContext, plan: EpochPlan, state: ScheduleState) -> None:
+    """Learning-rate decay on every engine this rank holds (G, D_I and all D_V share the D engine),
+    and the spatial schedule: when the plan's frozen state differs from the one G's engine was built
+    with (``state.coarse_frozen``, restored from the checkpoint on a resume), set it and build a fresh
+    optimizer over the parameters that now train."""
     g = wc.engines.get("generator")
-    if g is not None and wc.cfg.model.n_scales_spatial > 1 and rebuild:
-        g.module.generator.freeze_coarse_scales(False)
+    if g is not None and wc.cfg.model.n_scales_spatial > 1 and plan.coarse_frozen != state.coarse_frozen:
+        g.module.generator.freeze_coarse_scales(plan.coarse_frozen)
         wc.engines["generator"] = rebuild_optimizer(g, wc.cfg.train)
+    state.coarse_frozen = plan.coarse_frozen
     for engine in wc.engines.values():
-        set_lr(engine, wc.cfg.train.lr * lr_factor)
+        set_lr(engine, wc.cfg.train.lr * plan.lr_factor)
 
 
 def _metrics(state: ScheduleState, g_terms: LossTerms | None, d_terms: LossTerms | None, frames: int,
@@ -172,11 +211,14 @@ def _metrics(state: ScheduleState, g_terms: LossTerms | None, d_terms: LossTerms
 
 
 def _maybe_fail(wc: WorkerContext, state: ScheduleState) -> None:
-    """Test hook: the process dies once when ``state.step`` reaches ``fail_at_step`` (the marker file
-    records that it happened, so the restarted worker carries on)."""
-    at, marker = wc.fail_at_step, wc.fail_marker
-    if at >= 0 and state.step == at and marker and not Path(marker).exists():
-        Path(marker).write_text(json.dumps({"step": at}))
+    """Test hook: the process dies once at each step of ``fail_at_steps``, before taking the step after
+    it (the marker file lists the steps it died at, so the restarted worker carries on)."""
+    marker = wc.fail_marker
+    if state.step not in wc.fail_at_steps or not marker:
+        return
+    done = json.loads(Path(marker).read_text()) if Path(marker).exists() else []
+    if state.step not in done:
+        Path(marker).write_text(json.dumps([*done, state.step]))
         os._exit(1)  # a hard kill, as a lost node would be
 
 
@@ -194,10 +236,14 @@ class CommittedMetrics:
     def buffer(self, metrics: dict[str, float], step: int, committed: bool) -> None:
         self.pending.append((step, metrics))
         if committed:
-            import ray.train
+            self.commit()
 
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-            self.flush()
+    def commit(self) -> None:
+        """After a checkpoint was reported: wait until Ray Train has committed it, then log."""
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        self.flush()
 
     def flush(self) -> None:
         for step, metrics in self.pending:
@@ -219,20 +265,20 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
     cfg, split = wc.cfg, wc.placement.mode == "split"
     partner = wc.placement.partner(wc.rank)
     shard = ray.train.get_dataset_shard("train")
-    rng = torch.Generator().manual_seed(cfg.train.seed + 7919 * wc.rank)
+    rng = wc.rng
     available = wc.clip_len
     done = False
     while state.epoch < total_epochs(cfg) and not done:
         plan = plan_epoch(state.epoch, cfg.train, available)
-        state.clip_len, state.coarse_frozen = plan.clip_len, plan.coarse_frozen
-        _apply_epoch(wc, state.epoch, plan.lr_factor, plan.rebuild_optimizer and state.batch_in_epoch == 0,
-                     plan.coarse_frozen)
+        state.clip_len = plan.clip_len
+        _apply_epoch(wc, plan, state)
         batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True)
         for index, batch in enumerate(batches):
             if index < state.batch_in_epoch:
                 continue  # consumed before the checkpoint we resumed from
             _maybe_fail(wc, state)
             clip = Clip.from_batch(batch).to(wc.device)
+            startup.mark("first_batch")
             n = min(plan.clip_len, clip.num_frames)
             t0 = time.perf_counter()
             checkpoint = _checkpoint_due(cfg, state.step + 1)
@@ -253,6 +299,7 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
             if wc.restored_checksum is not None:
                 metrics["restored/g_weight_abs_sum"], wc.restored_checksum = wc.restored_checksum, None
             metrics["clip_index"] = float(clip.clip_index[0]) if clip.clip_index is not None else -1.0
+            metrics.update(startup.first_step_metrics(wc.fit_time, seconds))
             report(wc, state, metrics, checkpoint)
             if tracker is not None:
                 tracker.buffer(metrics, state.step, committed=checkpoint)
@@ -268,7 +315,7 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
                                                          plan.lr_factor), partner, wc.device)
                 report(wc, state, {"step": state.step, "epoch": state.epoch}, checkpoint=True)
                 if tracker is not None:
-                    tracker.flush()
+                    tracker.commit()  # as after a step's checkpoint: a redone epoch never logs twice
     if tracker is not None:
         tracker.flush()
     if split:
@@ -345,11 +392,17 @@ def discriminator_loop(wc: WorkerContext, state: ScheduleState) -> ScheduleState
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Entry point given to ``TorchTrainer``: ``payload = {"config": dict, "run_id": str | None}``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import ray.train
+
     cfg = config_from_dict(payload["config"])
-    wc = setup(cfg)
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_dir:
+        wc = setup(cfg, resume_dir)
+        startup.mark("engines_built")
+        state = restore(wc, resume_dir)
+    wc.fit_time = payload.get("fit_time")
     wc.clip_len = payload.get("clip_len")
-    wc.fail_at_step, wc.fail_marker = payload.get("fail_at_step", -1), payload.get("fail_marker")
-    state = restore(wc)
+    wc.fail_at_steps, wc.fail_marker = tuple(payload.get("fail_at_steps", ())), payload.get("fail_marker")
     tracker = None
     if wc.rank == 0 and payload.get("tracking"):  # the driver's run, also when it could not be created yet
         from vid2vid.platform.tracking import Tracker
