@@ -132,12 +132,12 @@ def test_prepare_to_a_file_uri_then_ray_data_streams_the_same_clips(ray_cluster,
     first = prepare(load_config([*SMOKE, f"data.out={uri}"]).data, progress=False)
     again = prepare(load_config([*SMOKE, f"data.out={uri}"]).data, progress=False)
     prepare(load_config([*SMOKE, f"data.out={tmp_path / 'plain'}"]).data, progress=False)
-    assert first.written == {"train": 4} and first.out == uri
-    assert again.written == {} and again.skipped_shards == 4
+    assert first.written == {"train": 4, "val": 4} and first.out == uri  # the smoke preset's synthetic val split
+    assert again.written == {} and again.skipped_shards == len(shards.load_manifest(uri)["shards"]) == 8
     manifest = shards.load_manifest(uri)
     assert manifest == json.loads((tmp_path / "uri" / "manifest.json").read_text())
     assert manifest["splits"] == shards.load_manifest(tmp_path / "plain")["splits"]
-    assert all(p.startswith(f"file://{tmp_path}/uri/train/") for p in shards.shard_paths(uri))
+    assert all(p.startswith(f"file://{tmp_path}/uri/train/") for p in shards.shard_paths(uri, split="train"))
 
     def clips(out):
         ds = shards.training_dataset(out, shuffle=False)
