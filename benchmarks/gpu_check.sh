@@ -19,7 +19,10 @@ mkdir -p "$OUT"
 step() { echo; echo "=== $* ==="; }
 
 JOB=(preset=cityscapes_512 data.source=synthetic data.resolution=512x256 data.clip_len=6
-     data.synthetic_sequences=8 data.synthetic_frames=12 "data.out=$OUT/shards" "train.run_dir=$OUT/runs"
+     data.synthetic_sequences=8 data.synthetic_val_sequences=1 data.synthetic_frames=12
+     "data.out=$OUT/shards" "train.run_dir=$OUT/runs" eval.num_clips=2
+     # the GPU machine is offline: no `auto` downloads (VGG loss off, FID/FVD skipped, warping error kept)
+     model.vgg_weights=null eval.i3d_weights=null eval.styleganv_i3d_weights=null eval.resnext_weights=null
      train.run_name=gpu-check train.num_workers=1 train.placement=colocated train.use_gpu=true
      train.precision=bf16 train.n_frames_total=6 train.max_frames_total=6 train.checkpoint_every=10)
 

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from vid2vid.config import load_config
 from vid2vid.eval.service import EvalResult, RunTarget, _tags, log_to_run
+from vid2vid.eval.worker import TofFlow
 from vid2vid.platform.tracking import Tracker
 
 SKIPPED = {"eval/fid_i3d": "no I3D weights file", "eval/fvd": "no I3D weights file",
@@ -24,8 +25,10 @@ SKIPPED = {"eval/fid_i3d": "no I3D weights file", "eval/fvd": "no I3D weights fi
 def evaluation(metrics: dict[str, float], skipped: dict[str, str], random: list[str], run_id: str,
                uri: str) -> EvalResult:
     plan = SimpleNamespace(split="train", segments=[0, 1], frames=8)
-    return EvalResult(3, "train", 2, 8, metrics, dict(skipped), random, run_id, uri, 0, 1.0,
-                      _tags(plan, 3, skipped, random))
+    manifest = {"splits": {"train": {"clips": 2}}}
+    tags = _tags(plan, manifest, 3, skipped, random, small={}, multimodal=False,
+                 tof=TofFlow("dis", None, False), ev=load_config(["preset=smoke"]).eval)
+    return EvalResult(3, "train", 2, 8, metrics, dict(skipped), random, run_id, uri, 0, 1.0, tags)
 
 
 def test_reevaluating_a_step_keeps_one_point_and_clears_stale_tags(tmp_path):
