@@ -147,3 +147,32 @@ def test_prepare_to_a_file_uri_then_ray_data_streams_the_same_clips(ray_cluster,
     got, want = clips(uri), clips(tmp_path / "plain")
     assert len(got) == 4 and got == want
     assert not list(Path(tmp_path / "uri").rglob(".*tmp-*"))
+
+
+def test_a_resume_at_s3_is_checked_against_the_config_kept_there(tmp_path, s3, monkeypatch):
+    """The run folder's config (resume.py) and a checkpoint named by URI (locate.py, warm_start.py)
+    are read from S3 itself, not from a ``Path`` that would turn ``s3://b/k`` into ``s3:/b/k``."""
+    from vid2vid.config import ConfigError
+    from vid2vid.errors import CheckpointError
+    from vid2vid.platform.locate import locate_checkpoint
+    from vid2vid.platform.resume import check_resume, previous_config, record_config
+    from vid2vid.platform.warm_start import CONFIG
+    from vid2vid.platform.warm_start import load_config as checkpoint_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = s3.uri("runs", "ray", "r2")
+    cfg = load_config(["preset=smoke", "train.lr=0.0002"])
+    assert previous_config(folder) is None and check_resume(cfg, folder) == {}
+    record_config(cfg, folder, {}, tracker=None)
+    assert previous_config(folder)["train"]["lr"] == 0.0002
+    assert check_resume(load_config(["preset=smoke", "train.lr=0.0002", "train.max_steps=3"]), folder) == {}
+    with pytest.raises(ConfigError, match=r"run 'r2' exists .*train.lr: 0.0002 -> 0.001"):
+        check_resume(load_config(["preset=smoke", "train.lr=0.001"]), folder)
+
+    checkpoint = storage.join(folder, "checkpoint_000001")
+    with pytest.raises(CheckpointError, match=r"no config.json there; a URI must name a checkpoint folder"):
+        locate_checkpoint(checkpoint)
+    kept = storage.read_text(storage.join(folder, "vid2vid-run-config.json"))
+    storage.write_text(storage.join(checkpoint, CONFIG), kept)
+    assert locate_checkpoint(checkpoint) == checkpoint
+    assert checkpoint_config(checkpoint).train.lr == 0.0002
