@@ -105,6 +105,7 @@ def test_a_val_sequence_that_is_trained_on_later_leaves_the_val_split(tmp_path, 
     cfg = DataConfig(source="synthetic", out=str(out), resolution=f"{W}x{H}", clip_len=4, synthetic_sequences=2,
                      synthetic_frames=4, val_fraction=0.5)
     assert prepare(cfg, progress=False).clips == {"train": 1, "val": 1}
-    again = prepare(DataConfig(**{**cfg.__dict__, "val_fraction": 0.0}), progress=False)  # now all trained on
+    # now all trained on (another split choice is another data setting: it takes data.overwrite=true)
+    again = prepare(DataConfig(**{**cfg.__dict__, "val_fraction": 0.0, "overwrite": True}), progress=False)
     assert again.clips == {"train": 2}, "the earlier val split overlaps the new train split: dropped"
     assert set(json.loads((out / "manifest.json").read_text())["splits"]) == {"train"}
