@@ -312,13 +312,16 @@ def _kinds(model_cfg, ev: EvalConfig) -> list[str]:
     return {"sampled": [FAKE], "real": [RECON], "both": [FAKE, RECON]}[ev.styles]
 
 
-def _styles(checkpoint_dir: Path, shards: Path, ev: EvalConfig, kinds: list[str], model_cfg) -> str | None:
+def _styles(checkpoint_dir: str | Path, shards: str | Path, ev: EvalConfig, kinds: list[str],
+            model_cfg) -> str | None:
     """The per-class mixtures a multimodal model is evaluated with: the checkpoint's ``styles.npz``,
-    fitted on the training split (``eval.style_fit_clips`` clips) when it is not there yet."""
+    fitted on the training split (``eval.style_fit_clips`` clips) when it is not there yet. The styles
+    file is read and written locally (generate/styles.py): a URI checkpoint is refused with a clear error."""
     if FAKE not in kinds or not model_cfg.use_features:
         return None
     from vid2vid.generate.styles import STYLES_FILE, fit_styles
 
+    checkpoint_dir = storage.local_path(checkpoint_dir, "the checkpoint of a multimodal model (its styles.npz)")
     path = checkpoint_dir / STYLES_FILE
     if not path.is_file():
         log.info("%s: no %s; fitting per-class style mixtures on %d training clips (vid2vid fit-styles)",
