@@ -25,9 +25,10 @@ $(STAMP): pyproject.toml
 test: setup browser
 	$(VENV)/bin/pytest -q tests
 
-# The smoke preset end to end on synthetic street scenes: local Ray, local MLflow (sqlite in runs/).
+# The smoke preset end to end on synthetic street scenes: local Ray (token auth on, dashboard on
+# 127.0.0.1), local MLflow (sqlite in runs/, no server).
 demo: setup
-	RAY_AUTH_MODE=disabled $(PY) experiments/cityscapes.py preset=smoke
+	$(PY) experiments/cityscapes.py preset=smoke
 
 # --- browser test (tests/test_dashboard.py, the MLflow UI in headless Chromium) -------------------
 # Debian's chromium (apt, needs root: CI has it) and playwright-core (npm) under .venv/browser. Where

@@ -43,9 +43,10 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from services import SHARED_RAY_INIT  # also what test_localhost.py checks
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+        ray.init(**SHARED_RAY_INIT)
     yield ray
     ray.shutdown()
 

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,17 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from services import free_port, ray_auth_env, ray_start_head
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_cluster(temp_dir: str) -> None:
@@ -41,15 +35,9 @@ def kill_cluster(temp_dir: str) -> None:
 def test_ray_job_submit_runs_the_smoke_experiment_to_success(tmp_path):
     # A short temp dir: Ray's unix sockets live under it and paths are limited to ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="v2vjob", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = ray_auth_env()  # token auth on, as on a cluster
     dash = free_port()
-    start = subprocess.run(
-        [str(RAY), "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         # the suite's own Ray holds the default agent ports: give this cluster's agents free ones
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
-        env=env, capture_output=True, text=True, timeout=180)
+    start = subprocess.run(ray_start_head(temp_dir, dash), env=env, capture_output=True, text=True, timeout=180)
     try:
         assert start.returncode == 0, start.stderr[-3000:]
         cmd = [str(RAY), "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={REPO}", "--",

@@ -15,11 +15,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
+from services import mlflow_server
 
 from vid2vid.config import load_config
 from vid2vid.datasets.prepare import prepare
@@ -107,35 +107,8 @@ def _close(s: socket.socket) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real ``mlflow server`` on a free port (SQLite store, served artifacts): its URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                             f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not come up:\n" + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield uri
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as running:
+        yield running.uri
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vid2vid import storage
 from vid2vid.config import ConfigError, DataConfig, validate
 from vid2vid.datasets import shards
 from vid2vid.datasets.labels import BadInput, instance_edges
@@ -240,7 +241,7 @@ def _write_task(task: ShardTask, block: FrameBlock, cfg: DataConfig, settings: d
             cols.setdefault("confidence", []).append(conf)
     table = shards.clips_table({k: np.stack(v) for k, v in cols.items()}, task.spec.name, task.starts,
                                list(range(task.first_clip, task.first_clip + len(task.starts))))
-    shards.write_shard(table, Path(out) / task.path, settings)
+    shards.write_shard(table, storage.join(out, task.path), settings)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def check_prepared(cfg: DataConfig) -> dict | None:
     none (or ``data.overwrite=true`` rebuilds it). A folder prepared otherwise is a :class:`ShardError`
     naming each differing key."""
     require_source(cfg)
-    if cfg.overwrite or not (Path(cfg.out) / shards.MANIFEST).is_file():
+    if cfg.overwrite or not storage.is_file(storage.join(storage.normalize(cfg.out), shards.MANIFEST)):
         return None
     manifest = shards.load_manifest(cfg.out)
     diff = settings_mismatch(manifest, cfg)
@@ -410,6 +411,9 @@ def preflight(cfg: DataConfig) -> None:
     output folder prepared with other settings."""
     _check(cfg)
     check_prepared(cfg)
+    if storage.is_remote(cfg.source):  # the output may be a URI, the sources are local files
+        raise PrepareError(f"data.source={cfg.source}: sources are read from a local folder or file on the "
+                           f"node that prepares them; download or sync them there first")
     if cfg.source != "synthetic" and not Path(cfg.source).expanduser().exists():
         raise PrepareError(f"data.source={cfg.source} does not exist")
     if cfg.source_kind == "auto":
@@ -458,12 +462,12 @@ def prepare(cfg: DataConfig, progress: bool = True, start_ray: Callable[[], None
     listing, val_origin = with_val_split(cfg, kind, listing)
     tasks, rejects = plan(listing.sequences, cfg)
     rejects = listing.rejects + rejects
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.normalize(cfg.out)  # a folder or a URI (s3://, gs://, file://): see vid2vid.storage
+    storage.makedirs(out)
     shards.remove_temp_files(out)
     settings = _settings(cfg, kind, source)
     todo = [t for t in tasks
-            if cfg.overwrite or not shards.shard_complete(out / t.path, len(t.starts), settings)]
+            if cfg.overwrite or not shards.shard_complete(storage.join(out, t.path), len(t.starts), settings)]
     seconds = dict.fromkeys(STAGES, 0.0)
     seconds["list"] = time.perf_counter() - t_start
 
@@ -481,7 +485,7 @@ def prepare(cfg: DataConfig, progress: bool = True, start_ray: Callable[[], None
             warnings.simplefilter("ignore", DeprecationWarning)
             ds = ds.map_batches(_ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
                                 fn_constructor_kwargs={"cfg": cfg, "kind": kind, "settings": settings,
-                                                       "out": str(out)}, max_restarts=0)
+                                                       "out": out}, max_restarts=0)
         results = ds.take_all()
 
     failed = set()
@@ -512,21 +516,21 @@ def prepare(cfg: DataConfig, progress: bool = True, start_ray: Callable[[], None
             split = ShardTask.from_json(str(r["task"])).spec.split
             written[split] = written.get(split, 0) + int(r["clips"])
     seconds["total"] = time.perf_counter() - t_start
-    return PrepareSummary(out=str(out), clips={k: v["clips"] for k, v in manifest["splits"].items()},
+    return PrepareSummary(out=out, clips={k: v["clips"] for k, v in manifest["splits"].items()},
                           written=written, skipped_shards=len(tasks) - len(todo),
                           frames=int(sum(int(r["frames"]) for r in results)), rejected=rejects,
                           seconds=seconds, val_origin=manifest["splits"].get(VAL, {}).get("origin"))
 
 
-def _remove_stale(out: Path, splits: set[str], keep: set[str]) -> None:
+def _remove_stale(out: str, splits: set[str], keep: set[str]) -> None:
     """With ``overwrite``, shards of this run's splits that this run did not produce are deleted."""
     for split in splits:
-        for p in (out / split).glob("*.parquet"):
-            if p.relative_to(out).as_posix() not in keep:
-                p.unlink()
+        for p in storage.list_files(storage.join(out, split), suffix=".parquet", recursive=False):
+            if f"{split}/{storage.name(p)}" not in keep:
+                storage.delete_file(p)
 
 
-def _carry_over(manifest: dict, out: Path, run_splits: set[str]) -> None:
+def _carry_over(manifest: dict, out: str, run_splits: set[str]) -> None:
     """Keep the splits an earlier, compatible run prepared into the same folder (``split=train`` then
     ``split=test``), so each run does not forget the others; their rejects carry over with them."""
     try:
@@ -535,7 +539,7 @@ def _carry_over(manifest: dict, out: Path, run_splits: set[str]) -> None:
         return
     if old.get("settings") != manifest["settings"]:
         return
-    kept = [s for s in old["shards"] if s["split"] not in run_splits and (out / s["path"]).is_file()]
+    kept = [s for s in old["shards"] if s["split"] not in run_splits and storage.is_file(storage.join(out, s["path"]))]
     # A sequence this run put in a split must not stay in another one (a val sequence trained on now)
     current = {s["sequence"] for s in manifest["shards"]}
     leaking = {s["split"] for s in kept if s["sequence"] in current}

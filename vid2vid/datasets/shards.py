@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vid2vid import storage
 from vid2vid.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -85,23 +86,30 @@ def clips_table(columns: dict[str, np.ndarray], sequence: str, starts: list[int]
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def write_shard(table: pa.Table, path: str | Path, settings: dict) -> None:
-    """Write ``table`` to ``path`` through a temporary name in the same folder, then rename.
+# Tensors are stored as fixed-size lists: dictionary encoding and min/max statistics over millions of
+# pixel values cost 3x the write time for nothing; zstd-1 then matches their size.
+WRITE_OPTIONS = {"row_group_size": 1, "compression": "zstd", "compression_level": 1, "use_dictionary": False,
+                 "write_statistics": False}
 
-    ``os.replace`` within one folder is atomic, so a reader (or a re-run deciding what to skip) sees
-    either no shard or a complete one, never half a file from a killed task.
+
+def write_shard(table: pa.Table, path: str | Path, settings: dict) -> None:
+    """Write ``table`` to ``path`` (a local path or a URI, see :mod:`vid2vid.storage`) so that a reader
+    (or a re-run deciding what to skip) sees either no shard or a complete one, never half a file from a
+    killed task: locally through a temporary name in the same folder and ``os.replace`` (atomic within
+    a folder); on an object store directly (an object appears only once its upload completed).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(table.schema.metadata or {})
     meta[SETTINGS_KEY] = json.dumps(settings, sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
+    if storage.is_remote(path):
+        fs, key = storage.resolve(path)
+        pq.write_table(table, key, filesystem=fs, **WRITE_OPTIONS)
+        return
+    path = Path(storage.resolve(path)[1])
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        # Tensors are stored as fixed-size lists: dictionary encoding and min/max statistics over
-        # millions of pixel values cost 3x the write time for nothing; zstd-1 then matches their size.
-        pq.write_table(table, tmp, row_group_size=1, compression="zstd", compression_level=1,
-                       use_dictionary=False, write_statistics=False)
+        pq.write_table(table, tmp, **WRITE_OPTIONS)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -110,7 +118,7 @@ def write_shard(table: pa.Table, path: str | Path, settings: dict) -> None:
 def shard_complete(path: str | Path, rows: int, settings: dict) -> bool:
     """True when ``path`` is a finished shard of ``rows`` clips prepared with the same ``settings``."""
     try:
-        meta = pq.read_metadata(path)
+        meta = pq.read_metadata(str(path))
     except (OSError, pa.ArrowException):
         return False
     stored = (meta.metadata or {}).get(SETTINGS_KEY)
@@ -119,19 +127,19 @@ def shard_complete(path: str | Path, rows: int, settings: dict) -> bool:
 
 def remove_temp_files(folder: str | Path) -> None:
     """Delete temporaries left by killed writers (they are never read)."""
-    for p in Path(folder).rglob(".*.tmp-*"):
-        p.unlink(missing_ok=True)
+    for p in storage.list_files(folder):
+        if storage.name(p).startswith(".") and ".tmp-" in storage.name(p):
+            storage.delete_file(p)
 
 
 # ------------------------------------------------------------------------------------------------
 # manifest
 
 
-def write_manifest(out: str | Path, manifest: dict) -> Path:
-    path = Path(out) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+def write_manifest(out: str | Path, manifest: dict) -> str:
+    """Write ``manifest.json`` whole (see :func:`vid2vid.storage.write_text`); returns its location."""
+    path = storage.join(out, MANIFEST)
+    storage.write_text(path, json.dumps(manifest, indent=2) + "\n")
     return path
 
 
@@ -150,10 +158,11 @@ def check_model_fits(model, manifest: dict, shards: str | Path, advice: str | No
 
 def load_manifest(out: str | Path) -> dict:
     """The ``manifest.json`` of a prepared folder; raises :class:`ShardError` naming what is wrong."""
-    path = Path(out) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path}: no manifest; prepare the data first (vid2vid prepare out={out})")
-    manifest = json.loads(path.read_text())
+    path = storage.join(out, MANIFEST)
+    try:
+        manifest = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no manifest; prepare the data first (vid2vid prepare out={out})") from None
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ShardError(f"{path}: schema_version {version}, this code reads {SCHEMA_VERSION}; "
@@ -161,14 +170,16 @@ def load_manifest(out: str | Path) -> dict:
     return manifest
 
 
-def shard_paths(out: str | Path, split: str = "train") -> list[Path]:
-    """Shard files of ``split`` listed by the manifest (not a glob: stale files are never read)."""
+def shard_paths(out: str | Path, split: str = "train") -> list[Path | str]:
+    """Shard files of ``split`` listed by the manifest (not a glob: stale files are never read): paths
+    for a folder, URIs (strings) when ``out`` is one; pyarrow's Parquet readers open both as they are."""
     manifest = load_manifest(out)
     if split not in manifest["splits"]:
-        raise ShardError(f"{Path(out) / MANIFEST}: no split {split!r}; it has {sorted(manifest['splits'])}")
-    paths = [Path(out) / s["path"] for s in manifest["shards"] if s["split"] == split]
+        raise ShardError(f"{storage.join(out, MANIFEST)}: no split {split!r}; it has {sorted(manifest['splits'])}")
+    paths = [storage.join(out, s["path"]) if storage.is_uri(out) else Path(out) / s["path"]
+             for s in manifest["shards"] if s["split"] == split]
     for p in paths:
-        if not p.is_file():
+        if not storage.is_file(p):
             raise ShardError(f"{p}: listed in the manifest but missing; prepare again")
     return paths
 
@@ -212,7 +223,7 @@ def training_dataset(out: str | Path, split: str = "train", shuffle_seed: int | 
 
     manifest = load_manifest(out)
     if not manifest["splits"].get(split, {}).get("has_frames", False) and split in manifest["splits"]:
-        raise ShardError(f"{Path(out) / MANIFEST}: split {split!r} has no real frames (labels only, "
+        raise ShardError(f"{storage.join(out, MANIFEST)}: split {split!r} has no real frames (labels only, "
                          "for inference); it cannot be used for training")
     refs = []
     for path in shard_paths(out, split):

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vid2vid import storage
 from vid2vid.config import EvalConfig
 from vid2vid.datasets.shards import MANIFEST as SHARDS_MANIFEST
 from vid2vid.datasets.shards import check_model_fits, load_manifest
@@ -117,10 +118,11 @@ def checkpoint_step(checkpoint_dir: str | Path, step: int | None = None) -> int:
     """``step`` if given, else the training step saved in the checkpoint's ``vid2vid-checkpoint.json``."""
     if step is not None:
         return int(step)
-    if not (Path(checkpoint_dir) / CHECKPOINT_MANIFEST).is_file():
+    try:
+        return int(read_manifest(checkpoint_dir)["state"]["step"])
+    except FileNotFoundError:
         raise FileNotFoundError(f"{checkpoint_dir}: no {CHECKPOINT_MANIFEST} to read the training step from; "
-                                f"pass step=N")
-    return int(read_manifest(checkpoint_dir)["state"]["step"])
+                                f"pass step=N") from None
 
 
 def resolve_target(checkpoint_dir: str | Path, cfg, run_id: str | None = None,
@@ -130,13 +132,14 @@ def resolve_target(checkpoint_dir: str | Path, cfg, run_id: str | None = None,
     Run id: ``run_id`` > ``<run_name>/mlflow_run_id.txt``. Tracking URI: ``tracking_uri`` > the run's
     ``train.tracking_uri`` > ``MLFLOW_TRACKING_URI`` > the trainer's default SQLite file in run_dir.
     """
-    ckpt = Path(checkpoint_dir).resolve()
-    run_folder = ckpt.parent
-    run_dir = run_folder.parent.parent if run_folder.parent.name == "ray" else Path(cfg.train.run_dir).resolve()
+    ckpt = storage.normalize(checkpoint_dir)  # a folder or a URI (s3://...)
+    run_folder = storage.parent(ckpt)
+    ray_dir = storage.parent(run_folder)
+    run_dir = storage.parent(ray_dir) if storage.name(ray_dir) == "ray" else storage.normalize(cfg.train.run_dir)
     if run_id is None:
         run_id = read_run_id(run_folder)
     uri = resolve_tracking_uri(tracking_uri or cfg.train.tracking_uri, run_dir)
-    return RunTarget(run_id, uri, run_dir)
+    return RunTarget(run_id, uri, storage.local_dir(run_dir))  # statistics cache and journal: local files
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,8 +288,8 @@ def _run_pipeline(plan: ClipPlan, spec: WorkerSpec, batch_size: int, actors: int
 
 def _dataset_id(shards: Path) -> str:
     """Name of the shards folder plus a digest of its manifest: re-prepared data gets new statistics."""
-    digest = hashlib.sha256((shards / SHARDS_MANIFEST).read_bytes()).hexdigest()[:12]
-    return f"{shards.resolve().name}-{digest}"
+    digest = hashlib.sha256(storage.read_bytes(storage.join(shards, SHARDS_MANIFEST))).hexdigest()[:12]
+    return f"{storage.name(storage.normalize(shards))}-{digest}"
 
 
 def _cache_keys(shards: Path, manifest: dict, plan: ClipPlan, metrics: list[FeatureMetric], nets: dict[str, NetSpec],
@@ -309,13 +312,16 @@ def _kinds(model_cfg, ev: EvalConfig) -> list[str]:
     return {"sampled": [FAKE], "real": [RECON], "both": [FAKE, RECON]}[ev.styles]
 
 
-def _styles(checkpoint_dir: Path, shards: Path, ev: EvalConfig, kinds: list[str], model_cfg) -> str | None:
+def _styles(checkpoint_dir: str | Path, shards: str | Path, ev: EvalConfig, kinds: list[str],
+            model_cfg) -> str | None:
     """The per-class mixtures a multimodal model is evaluated with: the checkpoint's ``styles.npz``,
-    fitted on the training split (``eval.style_fit_clips`` clips) when it is not there yet."""
+    fitted on the training split (``eval.style_fit_clips`` clips) when it is not there yet. The styles
+    file is read and written locally (generate/styles.py): a URI checkpoint is refused with a clear error."""
     if FAKE not in kinds or not model_cfg.use_features:
         return None
     from vid2vid.generate.styles import STYLES_FILE, fit_styles
 
+    checkpoint_dir = storage.local_path(checkpoint_dir, "the checkpoint of a multimodal model (its styles.npz)")
     path = checkpoint_dir / STYLES_FILE
     if not path.is_file():
         log.info("%s: no %s; fitting per-class style mixtures on %d training clips (vid2vid fit-styles)",
@@ -417,7 +423,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, shards: str | Path, eval_cfg
     the pool size and ``cpus_per_actor`` what each actor reserves (defaults: :func:`_pool`).
     """
     t0 = time.perf_counter()
-    checkpoint_dir, shards = Path(checkpoint_dir), Path(shards)
+    checkpoint_dir, shards = storage.normalize(checkpoint_dir), storage.normalize(shards)  # folders or URIs
     cfg = load_config(checkpoint_dir)
     ev = eval_cfg or cfg.eval
     step = checkpoint_step(checkpoint_dir, step)
@@ -480,7 +486,7 @@ def log_to_run(result: EvalResult, target: RunTarget, cfg, checkpoint_dir: Path)
                     checkpoint_dir, RUN_ID_FILE)
         tags["eval/checkpoint"] = str(checkpoint_dir)
     tracker = RunTracker(target.tracking_uri, cfg.train.experiment, run_id=target.run_id,
-                         run_name=None if target.run_id else f"eval-{checkpoint_dir.name}",
+                         run_name=None if target.run_id else f"eval-{storage.name(checkpoint_dir)}",
                          run_dir=target.run_dir / "eval")
     tracker.clear_stale_tags(tags)
     tracker.set_tags(tags)

@@ -25,6 +25,7 @@ from vid2vid.generate.relabel import class_id, parse_relabel, relabel_table
 from vid2vid.generate.styles import STYLES_FILE, StyleBank, StyleSampler
 from vid2vid.media import VideoWriter, side_by_side, source_picture, to_uint8
 from vid2vid.models.inputs import encode_source
+from vid2vid.storage import local_path
 
 
 @dataclass
@@ -177,7 +178,8 @@ def make_sampler(checkpoint: str | Path, model: ModelConfig, styles: str | None,
             raise ValueError(f"{checkpoint}: trained without model.use_features; style_seed/style_class "
                              "need a model with the feature encoder E")
         return None
-    bank = StyleBank.load(styles or Path(checkpoint) / STYLES_FILE)
+    bank = StyleBank.load(styles or local_path(checkpoint, "checkpoint= (it holds styles.pt; or give styles=)")
+                          / STYLES_FILE)
     if bank.feat_num != model.feat_num:
         raise ValueError(f"styles: mixtures of {bank.feat_num}-d features, the model takes {model.feat_num}")
     cls = None if style_class is None else class_id(style_class, model.label_nc, "style_class")

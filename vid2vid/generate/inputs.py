@@ -23,6 +23,7 @@ from vid2vid.datasets.labels import (
     validate_labels,
 )
 from vid2vid.datasets.sources import IMAGE_EXTS, VIDEO_EXTS, decode_image
+from vid2vid.storage import is_remote
 
 
 @dataclass
@@ -222,6 +223,8 @@ def open_input(path: str | Path, size: tuple[int, int], label_nc: int, input_nc:
                instance_dir: str | None = None, split: str | None = None, sequence: str | None = None,
                canny: tuple[int, int] = (100, 200)):
     """The reader for ``path``: shards (a folder with ``manifest.json``), a video file, or a label folder."""
+    if is_remote(path):
+        raise BadInput(str(path), "generation reads local files: download the input first")
     p = Path(path)
     if not p.exists():
         raise BadInput(str(p), "input does not exist")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vid2vid.models.encoder import OBJECT_KEY, object_ids
+from vid2vid.storage import local_path
 
 STYLES_FILE = "styles.npz"
 _KEY = OBJECT_KEY
@@ -142,7 +143,7 @@ def fit_styles(checkpoint: str | Path, shards: str | Path, split: str = "train",
                       "components": components, "seed": seed})
     for i, (w, m, cov) in enumerate(fits.values()):
         bank.weights[i, :len(w)], bank.means[i, :len(w)], bank.covariances[i, :len(w)] = w, m, cov
-    path = bank.save(out or Path(checkpoint) / STYLES_FILE)
+    path = bank.save(out or local_path(checkpoint, "checkpoint= (it receives styles.pt; or give out=)") / STYLES_FILE)
     return FitStylesResult(path, bank, n)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from vid2vid import storage
 from vid2vid.platform.engines import load_engines, save_engines
 
 FORMAT = 1
@@ -91,10 +92,12 @@ def read_state(directory: str | Path) -> dict[str, Any]:
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a vid2vid checkpoint: no {MANIFEST}")
-    manifest = json.loads(path.read_text())
+    """The checkpoint's JSON file; ``directory`` may be a URI (a checkpoint in S3: see vid2vid.storage)."""
+    path = storage.join(directory, MANIFEST)
+    try:
+        manifest = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory} is not a vid2vid checkpoint: no {MANIFEST}") from None
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {manifest.get('format')!r}, this code reads {FORMAT}")
     return manifest

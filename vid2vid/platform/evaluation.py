@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vid2vid import storage
 from vid2vid.config import Config, ConfigError, EvalConfig, apply_mapping, parse_overrides
 from vid2vid.eval.service import EvalResult, checkpoint_step, evaluate_checkpoint, resolve_target
 from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
@@ -73,17 +74,17 @@ class Evaluator:
 
     def submit(self, checkpoint_dir: str, step: int | None = None) -> bool:
         """Stage the checkpoint and queue it; returns without evaluating (False if it was unusable)."""
-        src = Path(checkpoint_dir)
+        src = checkpoint_dir  # a folder or a URI (a checkpoint in S3)
         try:
             cfg = load_config(src)
             weights_path(src, "generator")  # fails now, naming the file, rather than in the queue
             step = checkpoint_step(src, step)
             target = resolve_target(src, cfg, self.run_id, self.tracking_uri)
-            staged = self.stage / f"{src.name}-{time.monotonic_ns()}"
+            staged = self.stage / f"{storage.name(src)}-{time.monotonic_ns()}"
             for name in STAGED:
-                if (src / name).is_file():
+                if storage.is_file(storage.join(src, name)):
                     (staged / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src / name, staged / name)
+                    (staged / name).write_bytes(storage.read_bytes(storage.join(src, name)))
         except Exception as exc:  # noqa: BLE001 - one bad checkpoint must not stop the evaluator
             self._error(f"{checkpoint_dir}: not evaluated: {exc}")
             return False
@@ -172,7 +173,8 @@ def make_callback(actor):
             if checkpoint is None:
                 return
             step = (metrics[0] if metrics else {}).get("step")
-            ref = self.actor.submit.remote(checkpoint.path, None if step is None else int(step))
+            where = storage.location_of(checkpoint.filesystem, checkpoint.path)  # keeps s3:// for a URI run_dir
+            ref = self.actor.submit.remote(where, None if step is None else int(step))
             # Wait for the staging copy only (not the evaluation): once train() returns, every
             # checkpoint is queued, so the driver's evaluator.wait() cannot miss the last one.
             try:
@@ -193,7 +195,7 @@ def start_evaluator(cfg: Config, shards: str | Path, run_id: str | None = None, 
     import ray
 
     actor_cls = ray.remote(num_cpus=0)(Evaluator)
-    actor = actor_cls.remote(str(Path(shards).resolve()), cfg.eval, None, run_id, tracking_uri, max_pending,
+    actor = actor_cls.remote(storage.normalize(shards), cfg.eval, None, run_id, tracking_uri, max_pending,
                              service_kwargs)
     return EvaluatorHandle(actor)
 

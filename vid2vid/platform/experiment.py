@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from vid2vid import storage
 from vid2vid.config import Config, load_config
 from vid2vid.platform import startup
 from vid2vid.platform.evaluation import check_eval_split, evaluate_run, start_evaluator
@@ -23,19 +24,19 @@ log = logging.getLogger("vid2vid")
 @dataclass
 class ExperimentResult:
     train: TrainResult
-    shards: Path
-    sample_videos: list[Path]
+    shards: str  # a folder or a URI (see vid2vid.storage), like every location below
+    sample_videos: list[str]
     eval_metrics: dict[str, float]
 
 
-def ensure_shards(cfg: Config) -> Path:
-    """Prepare ``cfg.data`` into ``cfg.data.out`` unless it already holds shards prepared with the same
-    data settings; shards prepared otherwise are refused, naming each differing key (see
-    ``prepare.check_prepared``), unless ``data.overwrite=true`` rebuilds them."""
+def ensure_shards(cfg: Config) -> str:
+    """Prepare ``cfg.data`` into ``cfg.data.out`` (a folder or a URI) unless it already holds shards
+    prepared with the same data settings; shards prepared otherwise are refused, naming each differing
+    key (see ``prepare.check_prepared``), unless ``data.overwrite=true`` rebuilds them."""
     from vid2vid.console import is_verbose
     from vid2vid.datasets.prepare import check_prepared, prepare
 
-    out = Path(cfg.data.out)
+    out = storage.normalize(cfg.data.out)
     manifest = check_prepared(cfg.data)
     if manifest is not None:
         clips = ", ".join(f"{k} {v['clips']} clips" for k, v in manifest["splits"].items())
@@ -56,10 +57,11 @@ def preflight(cfg: Config) -> Config:
 
     check_prepared(cfg.data)
     if cfg.train.run_name:
-        check_resume(cfg, Path(cfg.train.run_dir).resolve() / "ray" / cfg.train.run_name)
+        check_resume(cfg, storage.join(storage.normalize(cfg.train.run_dir), "ray", cfg.train.run_name))
     if cfg.train.warm_start:
         found = locate_checkpoint(cfg.train.warm_start, cfg.train.run_dir, cfg.train.tracking_uri)
-        cfg = replace(cfg, train=replace(cfg.train, warm_start=str(found.resolve())))
+        found = str(found.resolve()) if isinstance(found, Path) else found  # a URI stays as it is
+        cfg = replace(cfg, train=replace(cfg.train, warm_start=found))
     return cfg
 
 
@@ -81,7 +83,8 @@ def run_experiment(argv: list[str], default_preset: str) -> ExperimentResult:
     else:
         result = train(cfg, shards, progress=True)
         metrics = evaluate_run(cfg, result, shards)
-    samples = sorted((Path(cfg.train.run_dir).resolve() / "samples" / result.run_name).glob("*.mp4"))
+    samples = storage.list_files(storage.join(storage.normalize(cfg.train.run_dir), "samples", result.run_name),
+                                 suffix=".mp4")
     print_summary(cfg, result, samples, metrics)
     return ExperimentResult(result, shards, samples, metrics)
 
@@ -97,7 +100,7 @@ def main(argv: list[str], default_preset: str, prog: str) -> int:
     return run_main(prog, run, argv)
 
 
-def print_summary(cfg: Config, result: TrainResult, samples: list[Path], metrics: dict[str, float]) -> None:
+def print_summary(cfg: Config, result: TrainResult, samples: list[str], metrics: dict[str, float]) -> None:
     steps = int(result.metrics.get("step", 0))
     ended = ""
     if result.plan is not None and 0 < steps < cfg.train.max_steps:

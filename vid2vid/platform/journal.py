@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
+from vid2vid import storage
+
 TRACKING_DIR = "tracking"
 META_FILE = "journal.json"
 BINDING_FILE = "run_id"
@@ -89,12 +91,12 @@ class RunJournal:
         return (path.read_text().strip() or None) if path.is_file() else None
 
     def bind(self, run_id: str, id_file: str | Path | None = None) -> None:
-        """Record the run id for this key (and in ``id_file``, e.g. the trainer's mlflow_run_id.txt)."""
+        """Record the run id for this key (and in ``id_file``, e.g. the trainer's mlflow_run_id.txt, which
+        may be a URI: beside checkpoints in S3)."""
         self.ensure()
         _write_atomic(self.dir / BINDING_FILE, run_id)
-        if id_file and not Path(id_file).is_file():
-            Path(id_file).parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(Path(id_file), run_id)
+        if id_file and not storage.exists(id_file):
+            storage.write_text(id_file, run_id)
 
     # -- writing ----------------------------------------------------------------------------------
     def writer(self, header: dict[str, Any]) -> JournalWriter:

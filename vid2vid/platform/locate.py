@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from vid2vid import storage
 from vid2vid.errors import CheckpointError
 from vid2vid.platform.tracking import RUN_ID_FILE, resolve_tracking_uri
 
@@ -48,7 +49,7 @@ def _from_run_folder(folder: Path, text: str) -> Path:
     return latest
 
 
-def _from_mlflow(run_id: str, run_dir: Path, tracking_uri: str | None) -> Path:
+def _from_mlflow(run_id: str, run_dir: Path, tracking_uri: str | None) -> Path | str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -59,6 +60,8 @@ def _from_mlflow(run_id: str, run_dir: Path, tracking_uri: str | None) -> Path:
         raise CheckpointError(f"checkpoint={run_id}: no MLflow run with that id at {uri} "
                               f"(give tracking_uri= or MLFLOW_TRACKING_URI for another store)") from None
     tagged = run.data.tags.get("checkpoint")
+    if tagged and storage.is_remote(tagged) and storage.is_file(storage.join(tagged, "config.json")):
+        return tagged  # a checkpoint of a URI run_dir (s3://...)
     if tagged and checkpoint_step(Path(tagged)) is not None:
         return Path(tagged)
     for base in dict.fromkeys([run_dir, Path(run.data.params.get("train.run_dir", run_dir))]):
@@ -69,10 +72,16 @@ def _from_mlflow(run_id: str, run_dir: Path, tracking_uri: str | None) -> Path:
                           f"checkpoint under {run_dir / 'ray' / (run.info.run_name or '')}")
 
 
-def locate_checkpoint(text: str, run_dir: str | Path = "runs", tracking_uri: str | None = None) -> Path:
-    """One checkpoint folder from ``text`` (see the module docstring); :class:`CheckpointError` otherwise."""
+def locate_checkpoint(text: str, run_dir: str | Path = "runs", tracking_uri: str | None = None) -> Path | str:
+    """One checkpoint folder from ``text`` (see the module docstring); :class:`CheckpointError` otherwise.
+    A remote URI (``s3://...``) must name a checkpoint folder itself and comes back as given."""
     if not str(text).strip():
         raise CheckpointError(f"checkpoint= is empty; give {SPELLINGS}")
+    if storage.is_remote(text):
+        if storage.is_file(storage.join(text, "config.json")):
+            return storage.normalize(text)
+        raise CheckpointError(f"checkpoint={text}: no config.json there; a URI must name a checkpoint folder "
+                              f"(<run_dir>/ray/<run>/checkpoint_*), not a run")
     path = Path(text).expanduser()
     run_dir = Path(run_dir)
     if path.is_dir():

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vid2vid import storage
 from vid2vid.config import Config, ConfigError, flatten, to_dict
 
 RUN_CONFIG = "vid2vid-run-config.json"
@@ -35,18 +36,20 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def previous_config(run_folder: Path) -> dict[str, Any] | None:
-    """The config a run folder was last started with; None for a new run."""
+def previous_config(run_folder: str | Path) -> dict[str, Any] | None:
+    """The config a run folder (a path or a URI) was last started with; None for a new run."""
     from vid2vid.platform.locate import latest_checkpoint
 
-    path = run_folder / RUN_CONFIG
-    if not path.is_file():
-        latest = latest_checkpoint(run_folder) if run_folder.is_dir() else None
-        path = latest / "config.json" if latest is not None else None
+    path = storage.join(run_folder, RUN_CONFIG)
+    if not storage.is_file(path):
+        # runs from before RUN_CONFIG: only local ones (URI run folders came with it)
+        folder = None if storage.is_remote(run_folder) else storage.local_path(run_folder, "run folder")
+        latest = latest_checkpoint(folder) if folder is not None and folder.is_dir() else None
+        path = str(latest / "config.json") if latest is not None else None
     if path is None:
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read the run's config ({err})") from None
 
@@ -62,7 +65,7 @@ def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items())
 
 
-def check_resume(cfg: Config, run_folder: Path) -> dict[str, tuple[Any, Any]]:
+def check_resume(cfg: Config, run_folder: str | Path) -> dict[str, tuple[Any, Any]]:
     """The config changes of resuming ``run_folder`` with ``cfg`` ({} for a new run or none); refused
     with a :class:`ConfigError` naming them unless ``train.allow_config_change``."""
     before = previous_config(run_folder)
@@ -70,22 +73,28 @@ def check_resume(cfg: Config, run_folder: Path) -> dict[str, tuple[Any, Any]]:
         return {}
     changes = config_changes(before, cfg)
     if changes and not cfg.train.allow_config_change:
-        raise ConfigError(f"run {run_folder.name!r} exists and was started with another config ({_listed(changes)}). "
+        raise ConfigError(f"run {storage.name(run_folder)!r} exists and was started with another config "
+                          f"({_listed(changes)}). "
                           f"Resume it with the same values, give another train.run_name, or add "
                           f"train.allow_config_change=true to continue it with the new values")
     return changes
 
 
-def record_config(cfg: Config, run_folder: Path, changes: dict[str, tuple[Any, Any]], tracker: Any) -> None:
-    """Keep ``cfg`` as the run's config; log allowed ``changes`` to MLflow (artifact + tag)."""
-    run_folder.mkdir(parents=True, exist_ok=True)
-    (run_folder / RUN_CONFIG).write_text(json.dumps(to_dict(cfg), indent=1))
+def record_config(cfg: Config, run_folder: str | Path, changes: dict[str, tuple[Any, Any]], tracker: Any) -> None:
+    """Keep ``cfg`` as the run's config (``run_folder``: a path or a URI); log allowed ``changes`` to MLflow
+    (artifact + tag)."""
+    storage.write_text(storage.join(run_folder, RUN_CONFIG), json.dumps(to_dict(cfg), indent=1))
     if not changes:
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = run_folder / f"config-change-{stamp}.json"
-    path.write_text(json.dumps({"resumed_at": stamp, "changed": {k: {"before": a, "after": b}
-                                                                 for k, (a, b) in changes.items()}}, indent=1))
+    text = json.dumps({"resumed_at": stamp, "changed": {k: {"before": a, "after": b} for k, (a, b) in changes.items()}},
+                      indent=1)
+    storage.write_text(storage.join(run_folder, f"config-change-{stamp}.json"), text)
+    # MLflow logs a local file, and an offline record names it until it is replayed: for a URI run
+    # folder, a copy in the node's local stand-in for it (storage.local_dir)
+    path = storage.local_dir(run_folder) / f"config-change-{stamp}.json"
+    if storage.is_remote(run_folder):
+        storage.write_text(path, text)
     tracker.log_artifact(path, "config_changes")
     text = _listed(changes)
     tracker.set_tags({"config_changed": text if len(text) <= MAX_TAG else text[:MAX_TAG - 40] + " ... (see artifact)"})

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from vid2vid import storage
 from vid2vid.media import side_by_side, source_picture, to_uint8, write_video
 from vid2vid.platform.step import generate_for_training
 
@@ -37,12 +38,18 @@ class _Bare:
 
 
 def log_sample_video(wc: Any, tracker: Any, out_dir: str) -> Path | None:
+    """Render the sample, log it to MLflow and keep it in ``out_dir``. For a URI ``out_dir`` (s3://...)
+    the video is rendered into this node's local stand-in for it (``storage.local_dir``), which the
+    tracking journal can point at during an outage, and uploaded."""
     clip, g = getattr(wc, "last_clip", None), wc.engines.get("generator")
     if clip is None or g is None or clip.frames is None:
         return None
-    path = Path(out_dir) / f"sample_step{tracker_step(wc)}.mp4"
+    name = f"sample_step{tracker_step(wc)}.mp4"
+    path = storage.local_dir(out_dir) / name
     try:
         render_sample(g.module, wc.cfg.model, clip.to(wc.device), path)
+        if storage.is_remote(out_dir):
+            storage.upload(path, storage.join(out_dir, name))
     except Exception as exc:  # a sample video must never fail a finished training run
         log.warning("sample video not written: %s", exc)
         return None

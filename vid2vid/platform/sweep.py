@@ -283,10 +283,13 @@ def _trial_dirname(trial) -> str:
 def resolve_paths(cfg: Config) -> Config:
     """Absolute run_dir, shards and tracking URI: Tune runs each trial in its own working directory."""
     from vid2vid.platform.tracking import resolve_tracking_uri
+    from vid2vid.storage import local_path, normalize
 
     cfg = copy.deepcopy(cfg)
-    cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())
-    cfg.data.out = str(Path(cfg.data.out).resolve())
+    # Tune's trial folders, the parent run id and the attempts log are plain files: a local (or shared,
+    # e.g. EFS) folder; the shards may be anywhere (Ray Data reads URIs).
+    cfg.train.run_dir = str(local_path(cfg.train.run_dir, "train.run_dir of a sweep"))
+    cfg.data.out = normalize(cfg.data.out)
     cfg.train.tracking_uri = resolve_tracking_uri(cfg.train.tracking_uri, cfg.train.run_dir)
     cfg.train.run_name = None  # set per trial
     return cfg
@@ -304,6 +307,7 @@ def run_sweep(cfg: Config, sweep: SweepConfig, shards: str | Path | None = None)
     from vid2vid.platform.experiment import ensure_shards
     from vid2vid.platform.tracking import Tracker
     from vid2vid.platform.trainer import ensure_ray
+    from vid2vid.storage import normalize
 
     cfg = resolve_paths(cfg)
     specs = trial_specs(cfg, sweep)
@@ -311,7 +315,7 @@ def run_sweep(cfg: Config, sweep: SweepConfig, shards: str | Path | None = None)
     storage = Path(cfg.train.run_dir) / "sweeps"
     path = storage / name
     ensure_ray()
-    shards = Path(shards).resolve() if shards else ensure_shards(cfg).resolve()
+    shards = normalize(shards) if shards else ensure_shards(cfg)
     if sweep.evaluate:
         from vid2vid.platform.evaluation import check_eval_split
 

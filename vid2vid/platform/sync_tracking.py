@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from vid2vid import storage
 from vid2vid.config import ConfigError
 from vid2vid.platform.journal import find_journals
 from vid2vid.platform.mlflow_records import ReplayReport, replay_journal
@@ -23,10 +24,11 @@ OPTIONS = ("run_dir", "tracking_uri")
 
 def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None,
                  keys: Iterable[str] | None = None) -> list[ReplayReport]:
-    """Replay every run journal under ``run_dir`` (only those of ``keys`` when given), parents first."""
+    """Replay every run journal under ``run_dir`` (only those of ``keys`` when given), parents first.
+    For a URI run_dir (s3://...) the journals are in this node's local stand-in for it (storage.local_dir)."""
     from mlflow.tracking import MlflowClient
 
-    journals = find_journals(run_dir)
+    journals = find_journals(storage.local_dir(run_dir))
     if keys is not None:
         wanted = set(keys)
         journals = [j for j in journals if j.key in wanted]
@@ -54,9 +56,11 @@ def main(args: list[str]) -> int:
         opts[key] = value
     if not opts["run_dir"]:
         raise ConfigError("sync-tracking needs run_dir=DIR (the train.run_dir the runs were started with)")
-    run_dir = Path(opts["run_dir"])
-    if not run_dir.is_dir():
-        print(f"vid2vid sync-tracking: {run_dir} is not a directory", file=sys.stderr)
+    run_dir = opts["run_dir"]
+    local = storage.local_dir(run_dir)
+    if not local.is_dir():
+        where = "" if storage.is_local(run_dir) else f" (its tracking records on this node: {local})"
+        print(f"vid2vid sync-tracking: {run_dir} is not a directory{where}", file=sys.stderr)
         return 2
     reports = sync_run_dir(run_dir, opts["tracking_uri"])
     for r in reports:

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vid2vid import storage
 from vid2vid.platform.journal import REJECTED_FILE, TRACKING_DIR, RunJournal, now_ms
 from vid2vid.platform.mlflow_records import (
     MAX_PARAM_VALUE,
@@ -44,18 +45,27 @@ __all__ = ["MAX_PARAM_VALUE", "REJECTED_FILE", "RUN_ID_FILE", "TRACKING_DIR", "R
 
 
 def read_run_id(run_folder: str | Path) -> str | None:
-    """The MLflow run id kept in ``<run_dir>/ray/<run_name>/mlflow_run_id.txt``, None when absent or empty."""
-    path = Path(run_folder) / RUN_ID_FILE
-    return (path.read_text().strip() or None) if path.is_file() else None
+    """The MLflow run id kept in ``<run_dir>/ray/<run_name>/mlflow_run_id.txt`` (run_dir may be a URI),
+    None when absent or empty."""
+    try:
+        return storage.read_text(storage.join(run_folder, RUN_ID_FILE)).strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def resolve_tracking_uri(tracking_uri: str | None, run_dir: str | Path) -> str:
-    """Explicit URI (the config) > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<run_dir>/mlflow.db``."""
+    """Explicit URI (the config) > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<run_dir>/mlflow.db``; the last
+    only for a local run_dir (SQLite needs a local file, and a run's processes on other nodes would each
+    write their own)."""
     if tracking_uri:
         return tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    if storage.is_remote(run_dir):
+        raise storage.StorageError(f"train.run_dir={run_dir} is not a local folder, so MLflow's default SQLite "
+                                   f"store cannot live in it: give an MLflow server (train.tracking_uri=http://"
+                                   f"HOST:5000 or MLFLOW_TRACKING_URI)")
+    return f"sqlite:///{storage.local_dir(run_dir) / 'mlflow.db'}"
 
 
 class JournalBusy(Exception):
@@ -86,9 +96,12 @@ class Tracker:
                  writer: str = "main", parent_key: str | None = None, run_id_file: str | Path | None = None):
         from mlflow.tracking import MlflowClient
 
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.uri = resolve_tracking_uri(tracking_uri, run_dir)
+        # The journal needs flock(2): it lives in run_dir when that is a local folder, else in the node's
+        # local stand-in for it (storage.local_dir: ~/.cache/vid2vid/runs/<URI>).
+        self.run_location = storage.normalize(run_dir)
+        self.run_dir = storage.local_dir(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.experiment, self.run_name, self.run_id = experiment, run_name, run_id
         self.tags = _jsonable(tags or {})
         self.keyed = key is not None
@@ -120,7 +133,7 @@ class Tracker:
     def identity(self) -> dict[str, Any]:
         """What another process needs to log into this run (JSON-able)."""
         return {"uri": self.uri, "experiment": self.experiment, "run_name": self.run_name, "run_id": self.run_id,
-                "tags": self.tags, "key": self.key, "run_dir": str(self.run_dir.resolve()),
+                "tags": self.tags, "key": self.key, "run_dir": self.run_location,
                 "parent_key": self.parent_key, "run_id_file": self.run_id_file}
 
     # -- public API: each call builds one record and emits it -----------------------------------
@@ -252,7 +265,7 @@ class Tracker:
         self.offline = True
         self._warn("offline", f"MLflow at {self.uri} is unreachable ({why}); run {self.key!r} keeps its records "
                               f"in {self.journal.dir} and sends them when the server answers again (or run "
-                              f"`vid2vid sync-tracking run_dir={self.run_dir}`); training goes on")
+                              f"`vid2vid sync-tracking run_dir={self.run_location}`); training goes on")
         if not self._stop.is_set() and (self._prober is None or not self._prober.is_alive()):
             self._prober = threading.Thread(target=self._probe, name=f"mlflow-probe:{self.key}", daemon=True)
             self._prober.start()

@@ -4,6 +4,10 @@
 ``cfg.train.run_name`` (default: ``<cfg.name>-<timestamp>``); starting a run under a name that
 already exists in ``<run_dir>/ray`` resumes it from its latest checkpoint (Ray Train restores the
 run's checkpoint list; the MLflow run id is kept beside it, so metrics continue in the same run).
+
+``train.run_dir`` and the shards may be local folders or URIs (``s3://``, ``gs://``, ``file://``):
+Ray Train writes checkpoints to ``<run_dir>/ray`` itself, and the run-id file, run config, sample
+videos and manifest go through :mod:`vid2vid.storage`. On a cluster, either must be storage every node sees.
 A resume with a changed config is refused unless ``train.allow_config_change`` (see ``resume.py``).
 
 Before Ray Train starts, the driver says how many steps the run will take (``progress.plan_steps``);
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vid2vid import storage
 from vid2vid.config import Config, flatten, to_dict
 from vid2vid.console import is_verbose, quiet_ray_driver, quiet_ray_worker
 from vid2vid.platform.placement import plan_placement
@@ -35,9 +40,9 @@ class TrainResult:
     run_name: str
     mlflow_run_id: str | None
     tracking_uri: str
-    checkpoint: str | None  # directory of the latest checkpoint
+    checkpoint: str | None  # location of the latest checkpoint: a directory, or a URI under a URI run_dir
     metrics: dict[str, Any]
-    storage: Path
+    storage: str  # <run_dir>/ray, Ray Train's storage_path
     plan: StepPlan | None = None  # the steps the driver announced
 
 
@@ -125,31 +130,32 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
 
     ensure_ray()
     startup.record("train_called")
-    run_dir = Path(cfg.train.run_dir).resolve()
+    run_dir = storage.normalize(cfg.train.run_dir)
     run_name = cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = run_dir / "ray"
-    changes = check_resume(cfg, storage / run_name)
+    storage_path = storage.join(run_dir, "ray")
+    run_folder = storage.join(storage_path, run_name)
+    changes = check_resume(cfg, run_folder)
     manifest = load_manifest(shards)
     check_model_fits(cfg.model, manifest, shards)
     plan = announce_steps(cfg, manifest, run_name)
 
-    resumed_run_id = read_run_id(storage / run_name)
+    resumed_run_id = read_run_id(run_folder)
     tracker = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=run_name,
                       run_id=resumed_run_id, run_dir=run_dir, key=run_name, writer="driver",
-                      parent_key=parent_key, run_id_file=storage / run_name / RUN_ID_FILE,  # written once known
+                      parent_key=parent_key, run_id_file=storage.join(run_folder, RUN_ID_FILE),  # written once known
                       tags={"placement": cfg.train.placement, "preset": cfg.name, **(extra_tags or {}),
                             **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
     if resumed_run_id is None:  # MLflow params are write-once; a resumed run keeps its original ones
         tracker.log_params(flatten(cfg))
-    record_config(cfg, storage / run_name, changes, tracker)
+    record_config(cfg, run_folder, changes, tracker)
     if changes:
         log.warning("run %s resumes with a changed config (train.allow_config_change=true): %s", run_name,
                     "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items()))
 
     payload = {"config": to_dict(cfg), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
                "tracking": tracker.identity(),  # rank 0 joins this run (offline too) with it
-               "run_dir": str(run_dir), "clip_len": int(manifest["clip_len"]),
-               "sample_dir": str(run_dir / "samples" / run_name), "verbose": is_verbose(),
+               "run_dir": run_dir, "clip_len": int(manifest["clip_len"]),
+               "sample_dir": storage.join(run_dir, "samples", run_name), "verbose": is_verbose(),
                # fault-injection hook for tests: die once at each of these steps (see worker._maybe_fail)
                "fail_at_steps": [int(s) for s in os.environ.get("VID2VID_FAIL_AT_STEP", "").split(",") if s.strip()],
                "fail_marker": os.environ.get("VID2VID_FAIL_MARKER")}
@@ -171,7 +177,7 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
                 resources_per_worker={"GPU": cfg.train.gpus_per_worker} if use_gpu
                 else {"CPU": cfg.train.cpus_per_worker}),
             run_config=ray.train.RunConfig(
-                name=run_name, storage_path=str(storage),
+                name=run_name, storage_path=storage_path,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or None,
                 logging_config=ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")),
@@ -186,11 +192,13 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
             raise
         if progress:
             shown.wait_for(int((result.metrics or {}).get("step", 0)))
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    checkpoint = (storage.location_of(result.checkpoint.filesystem, result.checkpoint.path)
+                  if result.checkpoint is not None else None)
     if checkpoint:
         tracker.set_tags({"checkpoint": checkpoint})
     replay_at_end(tracker)
-    return TrainResult(run_name, tracker.run_id, tracker.uri, checkpoint, dict(result.metrics or {}), storage, plan)
+    return TrainResult(run_name, tracker.run_id, tracker.uri, checkpoint, dict(result.metrics or {}), storage_path,
+                       plan)
 
 
 def replay_at_end(tracker) -> None:
@@ -200,4 +208,4 @@ def replay_at_end(tracker) -> None:
     if tracker.pending():
         log.warning("%d tracking records of run %s wait in %s (MLflow at %s does not answer); when it does, "
                     "run: vid2vid sync-tracking run_dir=%s", tracker.pending(), tracker.key, tracker.journal.dir,
-                    tracker.uri, tracker.run_dir)
+                    tracker.uri, tracker.run_location)

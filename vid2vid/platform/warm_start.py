@@ -8,6 +8,7 @@ usable without DeepSpeed and loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -16,24 +17,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vid2vid import storage
 from vid2vid.errors import CheckpointError, WeightsError
 
 WEIGHTS = "weights.pt"
 CONFIG = "config.json"
 
 
-def weights_path(checkpoint_dir: str | Path, side: str) -> Path:
-    path = Path(checkpoint_dir) / side / WEIGHTS
-    if not path.is_file():
+def weights_path(checkpoint_dir: str | Path, side: str) -> str:
+    """Location of a side's weights in a checkpoint (a folder, or a URI: see :mod:`vid2vid.storage`)."""
+    path = storage.join(checkpoint_dir, side, WEIGHTS)
+    if not storage.is_file(path):
         raise CheckpointError(f"{checkpoint_dir}: no {side}/{WEIGHTS}; is it a vid2vid training checkpoint?")
     return path
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state dict, or a :class:`WeightsError` naming the file (a truncated or overwritten file
-    otherwise fails deep inside torch with e.g. ``KeyError: 174812789``)."""
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from a local file or a URI, or a :class:`WeightsError` naming the file (a
+    truncated or overwritten file otherwise fails deep inside torch with e.g. ``KeyError: 174812789``)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read it is the file's
         raise WeightsError(f"{path}: cannot read the weights ({type(err).__name__}: {str(err)[:200]}); the file is "
                            f"damaged or not a torch state dict") from None
@@ -94,11 +98,11 @@ def load_matching(module: nn.Module, checkpoint_dir: str | Path, side: str) -> M
 def load_config(checkpoint_dir: str | Path):
     from vid2vid.config import Config, apply_mapping
 
-    path = Path(checkpoint_dir) / CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{checkpoint_dir}: no {CONFIG}; is it a vid2vid training checkpoint?")
+    path = storage.join(checkpoint_dir, CONFIG)
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{checkpoint_dir}: no {CONFIG}; is it a vid2vid training checkpoint?") from None
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read the checkpoint's config ({err})") from None
     return apply_mapping(Config(), values)
@@ -114,6 +118,6 @@ def load_generator(checkpoint_dir: str | Path, device: str | torch.device = "cpu
     try:
         g.load_state_dict(read_weights(path))
     except RuntimeError as err:  # missing, unexpected or mis-shaped keys
-        raise WeightsError(f"{path}: does not fit the model of {path.parent.parent / CONFIG} "
+        raise WeightsError(f"{path}: does not fit the model of {storage.join(checkpoint_dir, CONFIG)} "
                            f"({str(err).splitlines()[0]}; {len(str(err).splitlines())} lines of differences)") from None
     return cfg, g.to(device).eval()
