@@ -12,7 +12,7 @@ setup: $(STAMP)
 
 # torch first (the 2.13.0 pin takes the local CPU wheel here and the CUDA build on a GPU machine),
 # then the project with torch held, then DeepSpeed's CPU shared-memory op built once so no run pays
-# the ~60 s g++ compile (see ../shared/STACK.md).
+# the ~60 s g++ compile.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -1,25 +1,31 @@
-"""Clips/s of the whole evaluation service against the bare feature-net forward on the same clips.
+"""The evaluation service against a plain single-process loop doing the same work, on the same CPUs.
 
-One run: synthetic shards (``clips`` sequences of ``frames`` frames at ``resolution``), a tiny
-untrained smoke checkpoint and seeded random feature-net weights (throughput does not depend on the
-weights' values; the metrics are logged as random_weights/* into a throw-away SQLite run), on a local
-Ray with ``cpus`` CPUs. It times
+One run: synthetic shards with ``clips`` validation sequences of 16 frames at ``resolution``, a tiny
+untrained smoke checkpoint and seeded random I3D and ResNeXt-101 weights in their public formats
+(throughput does not depend on the weights' values; metrics go to a throw-away SQLite run as
+random_weights/*), on a local Ray with ``cpus`` CPUs. Both sides evaluate the same clips the same way:
+generate every clip, warping error and tOF, FID-I3D (crop), FVD (whole frame) and FID-ResNeXt
+features, then the three Fréchet distances with their bootstrap intervals. The real statistics are
+cached beforehand for both (the case of every checkpoint but the first: real clips pass through the
+nets once per dataset), so neither side pays for them.
 
-- service, cold: ``evaluate_checkpoint`` end to end, real statistics not cached yet (real and
-  generated clips go through the nets), split into setup / Ray Data pipeline / Fréchet / MLflow;
-- service, warm: the same again, real statistics from the cache (the case of every checkpoint but
-  the first);
-- bare: the same uint8 clips (real and generated), preprocessed and forwarded through the same nets
-  in this process with ``cpus`` torch threads: no Ray, no generation, no statistics.
+- service: ``evaluate_checkpoint`` (Ray Data pool of fused actors, one per CPU, one torch thread each);
+- plain: the same per-clip code (``EvaluateClips``) called batch by batch in this process with ``cpus``
+  torch threads, then the same Fréchet step: no Ray, no actors, no MLflow.
 
-and prints clips/s of each and the ratio service / bare (1.0 = no overhead at all).
+Fixed costs (Ray Data and actor start-up, loading the nets, MLflow) are printed apart; the ratio is
+plain seconds / service seconds for the per-clip work plus the Fréchet step (1.0 = no overhead), with
+the end-to-end ratio beside it. Also timed in the same run: one 2048-d Fréchet distance the old way
+(``scipy.linalg.sqrtm`` of S1 S2) and the new way (symmetric eigen form).
 
-    .venv/bin/python benchmarks/eval.py
-    .venv/bin/python benchmarks/eval.py clips=8 nets=i3d cpus=2 resolution=256x128
+    .venv/bin/python benchmarks/eval.py                       # 64 clips, 2 CPUs, ~3-4 minutes on 2 cores
+    .venv/bin/python benchmarks/eval.py clips=8 cpus=2 resolution=256x128
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
 import tempfile
@@ -33,18 +39,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vid2vid.config import EvalConfig, load_config, parse_overrides, to_dict  # noqa: E402
 
+BAR = 0.9
 
-def setup(tmp: Path, clips: int, frames: int, resolution: str, nets: list[str]):
-    import json
 
+def setup(tmp: Path, clips: int, frames: int, resolution: str):
     from vid2vid.datasets.prepare import prepare
     from vid2vid.eval.feature_nets import save_random_weights
     from vid2vid.models.vid2vid import GeneratorSide
     from vid2vid.platform.tracking import Tracker
 
-    cfg = load_config(["preset=smoke", f"data.synthetic_sequences={clips}", f"data.synthetic_frames={frames}",
-                       f"data.clip_len={frames}", f"data.resolution={resolution}", f"data.out={tmp / 'shards'}",
-                       f"train.run_dir={tmp}"])
+    cfg = load_config(["preset=smoke", "data.synthetic_sequences=1", f"data.synthetic_val_sequences={clips}",
+                       f"data.synthetic_frames={frames}", f"data.clip_len={frames}", f"data.resolution={resolution}",
+                       f"data.out={tmp / 'shards'}", f"train.run_dir={tmp}"])
     prepare(cfg.data, progress=False)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracker = Tracker(uri, "eval-benchmark", run_name="benchmark", run_dir=tmp)
@@ -52,41 +58,92 @@ def setup(tmp: Path, clips: int, frames: int, resolution: str, nets: list[str]):
     (ckpt / "generator").mkdir(parents=True)
     (ckpt.parent / "mlflow_run_id.txt").write_text(tracker.run_id)
     (ckpt / "config.json").write_text(json.dumps(to_dict(cfg)))
+    torch.manual_seed(0)
     torch.save(GeneratorSide(cfg.model).state_dict(), ckpt / "generator" / "weights.pt")
-    ev = EvalConfig(num_clips=clips, clip_len=frames, batch_size=2, allow_random_weights=True)
-    if "i3d" in nets:
-        ev.i3d_weights = str(save_random_weights("i3d", tmp / "weights" / "rgb_imagenet.pt"))
-    if "resnext101" in nets:
-        ev.resnext_weights = str(save_random_weights("resnext101", tmp / "weights" / "resnext-101-kinetics.pth"))
-    return cfg, ckpt, uri, ev
+    w = tmp / "weights"
+    ev = EvalConfig(num_clips=clips, clip_len=frames, batch_size=2, allow_random_weights=True, bootstrap=500,
+                    i3d_weights=str(save_random_weights("i3d", w / "rgb_imagenet.pt")),
+                    resnext_weights=str(save_random_weights("resnext101", w / "resnext-101-kinetics.pth")),
+                    stats_cache_dir=str(tmp / "eval_stats"))
+    return ckpt, uri, ev
 
 
-def bare_forward(ckpt: Path, shards: Path, ev: EvalConfig, cpus: int) -> tuple[float, int]:
-    """Seconds of preprocess + forward of every net on the real and generated clips (made beforehand)."""
-    from vid2vid.eval.clips import GenerateClips, encode_segment, plan_clips
-    from vid2vid.eval.extract import frames_to_input
-    from vid2vid.eval.feature_nets import load_feature_net
+def work_spec(ckpt: Path, shards: Path, ev: EvalConfig):
+    """What the service would run: its plan, worker spec and cache keys (the service's own functions)."""
+    from vid2vid.datasets.shards import load_manifest
+    from vid2vid.eval import service
+    from vid2vid.eval.clips import plan_clips
+    from vid2vid.eval.extract import metrics_for
     from vid2vid.eval.preprocess import SIZES
+    from vid2vid.eval.worker import FAKE, WorkerSpec
 
-    torch.set_num_threads(cpus)
-    plan = plan_clips(shards, ev.num_clips, ev.clip_len)
-    rows = GenerateClips(str(ckpt))({"index": np.arange(len(plan.segments)),
-                                     "segment": np.array([encode_segment(s) for s in plan.segments])})
-    frames = rows["frames"]
-    seconds = 0.0
-    for name, path in (("i3d", ev.i3d_weights), ("resnext101", ev.resnext_weights)):
-        if path is None:
-            continue
-        net = load_feature_net(name, path)
-        t = time.perf_counter()
-        with torch.no_grad():
-            for i in range(0, len(frames), ev.batch_size):
-                h = net.trunk(frames_to_input(frames[i : i + ev.batch_size], name, SIZES[name]))
-                h.mean(dim=(2, 3, 4))
-                if name == "i3d":
-                    net.logits_from_trunk(h)
-        seconds += time.perf_counter() - t
-    return seconds, len(frames)
+    plan = plan_clips(shards, ev.num_clips, ev.clip_len, ev.split)
+    nets, _ = service.select_nets(ev)
+    metrics = metrics_for(set(nets))
+    keys = service._cache_keys(shards, load_manifest(shards), plan, metrics, nets, SIZES, ev.fid_frame)
+    spec = WorkerSpec(str(ckpt), {n: s.ref for n, s in nets.items()}, [m.name for m in metrics], [], SIZES,
+                      ev.fid_frame, [FAKE], None, 0, service._tof_flow(load_manifest(shards)),
+                      expect_random={n: s.random for n, s in nets.items()})
+    return plan, nets, metrics, keys, spec
+
+
+def cache_real_stats(metrics, keys, cache_dir: Path) -> None:
+    """Stand-in real statistics under the service's own cache keys: full-rank, finite, seeded."""
+    from vid2vid.eval.frechet import GaussianStats, save_stats
+
+    rng = np.random.default_rng(0)
+    for m in metrics:
+        a = rng.normal(size=(m.dim, m.dim)) / np.sqrt(m.dim)
+        stats = GaussianStats(rng.normal(size=m.dim), a @ a.T + 0.1 * np.eye(m.dim), 10_000)
+        save_stats(cache_dir / f"{keys[m.name]}.npz", stats, keys[m.name])
+
+
+def plain_loop(ckpt: Path, shards: Path, ev: EvalConfig, cpus: int) -> tuple[float, float, float, dict]:
+    """(fixed s, per-clip work s, Fréchet s, metrics) of the same work in this process, no Ray."""
+    from vid2vid.eval import service
+    from vid2vid.eval.clips import encode_segment
+    from vid2vid.eval.worker import FAKE, EvaluateClips
+
+    plan, nets, metrics, keys, spec = work_spec(ckpt, shards, ev)
+    spec.threads = cpus
+    t0 = time.perf_counter()
+    worker = EvaluateClips(spec)
+    fixed = time.perf_counter() - t0
+    totals = service._Totals()
+    t1 = time.perf_counter()
+    for start in range(0, len(plan.segments), ev.batch_size):
+        idx = range(start, min(start + ev.batch_size, len(plan.segments)))
+        totals.add(worker({"index": np.array(list(idx)), "segment": np.array([encode_segment(plan.segments[i])
+                                                                              for i in idx])}), spec.metrics)
+    work = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    values, _, _ = service._frechet(totals, metrics, [FAKE], keys, Path(ev.stats_cache_dir), nets, ev)
+    values.update(service._temporal(totals, [FAKE], {}))
+    return fixed, work, time.perf_counter() - t2, values
+
+
+def frechet_2048(repeats: int = 1) -> tuple[float, float, float]:
+    """(seconds the old way, seconds the new way, relative difference) on full-rank 2048-d statistics."""
+    import scipy.linalg
+
+    from vid2vid.eval.frechet import GaussianStats, frechet_distance
+
+    rng = np.random.default_rng(1)
+    d = 2048
+    stats = []
+    for shift in (0.0, 0.05):
+        a = rng.normal(size=(d, d)) / np.sqrt(d)
+        stats.append(GaussianStats(rng.normal(size=d) * 0.1 + shift, a @ a.T + 0.05 * np.eye(d), 4 * d))
+    a, b = stats
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        root = scipy.linalg.sqrtm(a.cov @ b.cov).real
+        old = float(((a.mean - b.mean) ** 2).sum() + np.trace(a.cov) + np.trace(b.cov) - 2 * np.trace(root))
+    t1 = time.perf_counter()
+    for _ in range(repeats):
+        new = frechet_distance(a, b)
+    t2 = time.perf_counter()
+    return (t1 - t0) / repeats, (t2 - t1) / repeats, abs(new - old) / abs(old)
 
 
 def main(argv: list[str]) -> None:
@@ -94,37 +151,51 @@ def main(argv: list[str]) -> None:
 
     from vid2vid.eval.service import evaluate_checkpoint
 
-    opts = {"clips": 4, "frames": 16, "resolution": "128x64", "cpus": 2, "nets": "i3d,resnext101",
-            **parse_overrides(argv)}
+    opts = {"clips": 64, "frames": 16, "resolution": "128x64", "cpus": 2, **parse_overrides(argv)}
     clips, frames, cpus = int(opts["clips"]), int(opts["frames"]), int(opts["cpus"])
-    nets = [n for n in str(opts["nets"]).split(",") if n]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.getLogger("vid2vid").setLevel(logging.ERROR)  # the small-N warnings are expected at 64 clips
+    torch.set_num_threads(cpus)
+    old_s, new_s, rel = frechet_2048()
+    print(f"2048-d Fréchet distance: {old_s:.1f}s before (scipy.linalg.sqrtm of S1 S2), {new_s:.2f}s after "
+          f"(symmetric form: Cholesky factor + eigvalsh), {old_s / new_s:.1f}x; relative difference {rel:.1e}",
+          flush=True)
+    t_start = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        cfg, ckpt, uri, ev = setup(tmp, clips, frames, str(opts["resolution"]), nets)
-        runs = {}
-        for label, step in (("cold", 1), ("warm", 2)):
-            runs[label] = evaluate_checkpoint(ckpt, tmp / "shards", ev, step=step, tracking_uri=uri,
-                                              cpus_per_actor=cpus / (1 + len(nets)))
-        ray.shutdown()
-        bare_s, bare_clips = bare_forward(ckpt, tmp / "shards", ev, cpus)
-
-    n = runs["cold"].num_clips
-    print(f"{n} clips x {runs['cold'].clip_frames} frames at {opts['resolution']}, nets {nets}, {cpus} CPUs")
-    bare_rate = bare_clips / bare_s
-    print(f"  bare forward : {bare_clips} clip passes (real + generated) per net in {bare_s:.1f}s = "
-          f"{bare_rate:.3f} clips/s")
-    for label, res in runs.items():
+        ckpt, uri, ev = setup(tmp, clips, frames, str(opts["resolution"]))
+        _, _, metrics, keys, _ = work_spec(ckpt, tmp / "shards", ev)
+        cache_real_stats(metrics, keys, Path(ev.stats_cache_dir))
+        print(f"{clips} clips x {frames} frames at {opts['resolution']}: generation, warping error, tOF, FID-I3D + "
+              f"FVD (I3D twice: crop and whole frame) + FID-ResNeXt, Fréchet with {ev.bootstrap} bootstrap "
+              f"resamples; {cpus} CPUs; real statistics cached (setup {time.perf_counter() - t_start:.0f}s)",
+              flush=True)
+        res = evaluate_checkpoint(ckpt, tmp / "shards", ev, step=1, tracking_uri=uri, cpus_per_actor=1.0)
         t = res.timings
-        rate = n / res.seconds
-        passes = n + res.real_clips_extracted
-        no_frechet = passes / (res.seconds - t["frechet"])
-        print(f"  service {label:<5}: {n} clips ({passes} passes per net) in {res.seconds:.1f}s = {rate:.3f} clips/s "
-              f"-> ratio {passes / res.seconds / bare_rate:.2f} of bare per pass "
-              f"({no_frechet / bare_rate:.2f} without the Fréchet step)")
-        print("      " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
-        print("      " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(res.metrics.items())))
+        s_fixed = t["setup"] + t["actor_startup"] + t["mlflow"]
+        s_work = t["pipeline"] - t["actor_startup"]
+        print(f"  service    : fixed {s_fixed:.1f}s (setup {t['setup']:.1f}s, actor start-up "
+              f"{t['actor_startup']:.1f}s, mlflow {t['mlflow']:.1f}s) | work {s_work:.1f}s "
+              f"({res.num_clips / s_work:.3f} clips/s, Ray Data scheduling included) + Fréchet {t['frechet']:.1f}s",
+              flush=True)
+        ray.shutdown()
+        torch.set_num_threads(cpus)
+        p_fixed, p_work, p_frechet, p_values = plain_loop(ckpt, tmp / "shards", ev, cpus)
+        print(f"  plain loop : fixed {p_fixed:.1f}s (load generator + nets) | work {p_work:.1f}s "
+              f"({res.num_clips / p_work:.3f} clips/s) + Fréchet {p_frechet:.1f}s", flush=True)
+
+    assert res.real_clips_extracted == 0, "the real statistics were meant to be cached"
+    for k, v in p_values.items():  # the same numbers, or the comparison would be of different work
+        assert np.isclose(res.metrics[k], v, rtol=1e-3), (k, res.metrics[k], v)
+    ratio = (p_work + p_frechet) / (s_work + t["frechet"])
+    end_to_end = (p_fixed + p_work + p_frechet) / res.seconds
+    print(f"  both computed the same {len(p_values)} numbers (rtol 1e-3); end to end with fixed costs: "
+          f"plain / service = {end_to_end:.2f}")
+    print(f"ratio eval_service_vs_plain: {ratio:.2f} (bar {BAR})")
 
 
 if __name__ == "__main__":

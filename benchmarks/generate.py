@@ -1,4 +1,6 @@
-"""Constant memory of long-video generation: frames/s and peak RSS for 600 vs 60 frames, one run.
+"""Generation benchmarks: constant memory of long videos (the default), and raw speed on a device.
+
+``mode=memory`` (default): frames/s and peak RSS for 600 vs 60 frames, one run.
 
 Writes a tiny checkpoint (the smoke preset with ``model.ngf=8``, random weights: speed and memory do
 not depend on the weights) and a folder of 256x128 street label maps with a car driving across, then
@@ -10,6 +12,17 @@ Acceptance (issue 8): the peak for 600 frames is within 5% of the peak for 60.
     .venv/bin/python benchmarks/generate.py frames=60,600,1200 threads=2 model.ngf=16
 
 ``frames`` and ``threads`` are read here; any other ``key=value`` overrides the checkpoint's config.
+
+``mode=speed``: the generator of any preset (random weights: speed does not depend on them) at any size
+on any device, frames streamed exactly as ``vid2vid generate`` feeds them (``StreamingGenerator``),
+decoding and mp4 encoding left out so the number is the generator's. Prints frames/s, peak device
+memory, FLOPs per frame (torch's FlopCounterMode) and the achieved TFLOP/s; then each speed lever in
+``levers`` (channels_last, compile = torch.compile, cudagraphs = torch.compile's CUDA graphs), each
+checked against the fp32 output of the same frames (mean |error| <= ``tol``) and kept only if faster:
+
+    python benchmarks/generate.py mode=speed preset=cityscapes_2048 device=cuda precision=bf16 frames=60 \
+        levers=channels_last,compile,cudagraphs
+    .venv/bin/python benchmarks/generate.py mode=speed preset=smoke device=cpu precision=fp32 frames=8
 """
 
 from __future__ import annotations
@@ -56,12 +69,20 @@ def write_labels(folder: Path, n: int, size=(256, 128)) -> None:
 
 
 def main(argv: list[str]) -> int:
+    opts = dict(a.split("=", 1) for a in argv)
+    if opts.pop("mode", "memory") == "speed":
+        from generate_speed import speed
+
+        return speed(opts)
+    return memory(opts)
+
+
+def memory(opts: dict[str, str]) -> int:
     import torch
 
     from vid2vid.config import load_config, to_dict
     from vid2vid.models.vid2vid import GeneratorSide
 
-    opts = dict(a.split("=", 1) for a in argv)
     counts = [int(n) for n in opts.pop("frames", "60,600").split(",")]
     threads = int(opts.pop("threads", "1"))
     cfg = load_config(["preset=smoke", "model.ngf=8", *(f"{k}={v}" for k, v in opts.items())])

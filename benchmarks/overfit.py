@@ -2,11 +2,12 @@
 the same step code the Ray workers run) must drive the L1 distance between generated and real frames
 clearly down. Prints L1 (in grey levels, 0..255) before and during training.
 
-    .venv/bin/python benchmarks/overfit.py [steps=300] [sample=../shared/data/cityscapes_sample]
+    .venv/bin/python benchmarks/overfit.py [steps=300] [sample=$VID2VID_SAMPLE_DATA/cityscapes_sample]
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -69,7 +70,9 @@ def overfit(cfg: Config, clip: Clip, steps: int, every: int = 50, lr: float = 2e
 def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
     steps = int(args.get("steps", 300))
-    sample = Path(args.get("sample", REPO.parent / "shared" / "data" / "cityscapes_sample"))
+    if "sample" not in args and not os.environ.get("VID2VID_SAMPLE_DATA"):
+        sys.exit("give sample=<cityscapes_sample folder> or set VID2VID_SAMPLE_DATA (see the README's Data section)")
+    sample = Path(args.get("sample") or Path(os.environ["VID2VID_SAMPLE_DATA"]) / "cityscapes_sample")
     with tempfile.TemporaryDirectory() as tmp:
         cfg, clip = one_real_clip(sample, Path(tmp) / "shards")
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Throughput of the prepare pipeline: frames/s with 1 and with 2 Ray CPUs, and where the time goes.
 
-Prepares the shared Cityscapes sample (4 sequences x 30 frames, 2048x1024 JPEG + label + instance
+Prepares the Cityscapes sample in ``$VID2VID_SAMPLE_DATA`` (4 sequences x 30 frames, 2048x1024 JPEG + label + instance
 PNGs) at 512x256 into 30-frame clips with DIS flow, once per CPU count, each on a fresh local Ray
 instance (Ray's own start-up is not counted; the pipeline's actor start-up is). Prints frames/s, the
 speed-up of the largest CPU count over the smallest, and the split of task time between decode,
@@ -23,7 +23,13 @@ from vid2vid.config import DataConfig, apply_mapping, parse_overrides
 from vid2vid.datasets.prepare import prepare
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = Path(os.environ.get("VID2VID_SAMPLE_DATA", REPO.parent / "shared" / "data")) / "cityscapes_sample"
+SAMPLE_ENV = "VID2VID_SAMPLE_DATA"  # the folder holding cityscapes_sample/ (README: Data)
+
+
+def sample() -> Path:
+    if not os.environ.get(SAMPLE_ENV):
+        sys.exit(f"set {SAMPLE_ENV} to the folder holding cityscapes_sample/ (see the README's Data section)")
+    return Path(os.environ[SAMPLE_ENV]) / "cityscapes_sample"
 
 
 def run(cfg: DataConfig, cpus: int):
@@ -41,7 +47,7 @@ def main(argv: list[str]) -> None:
     cpu_counts = [int(c) for c in str(overrides.pop("cpus", "1,2")).split(",")]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory() as tmp:
-        base = {"source": str(SAMPLE), "resolution": "512x256", "clip_len": 30, "flow": "dis",
+        base = {"source": str(sample()), "resolution": "512x256", "clip_len": 30, "flow": "dis",
                 "overwrite": True, **overrides}
         results = {}
         for cpus in cpu_counts:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from vid2vid.console import run_main  # noqa: E402
 from vid2vid.platform.sweep import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], default_preset="smoke"))
+    sys.exit(run_main("experiments/ablations.py", lambda args: main(args, default_preset="smoke"), sys.argv[1:]))

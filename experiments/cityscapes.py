@@ -5,7 +5,8 @@
     ray job submit --working-dir . -- python experiments/cityscapes.py preset=cityscapes_512 \
         data.source=/shared/cityscapes train.run_dir=/shared/runs data.out=/shared/shards/cs512
 
-Arguments are ``key=value`` overrides of the typed config; ``preset=NAME`` loads
+Arguments are ``key=value`` overrides of the typed config (``--verbose`` shows Ray's own logs and
+tracebacks); ``preset=NAME`` loads
 ``experiments/configs/NAME.yaml`` (default: ``cityscapes_512``). On a cluster, give ``train.run_dir``
 and ``data.out`` on storage every node sees: the job's working directory is a temporary copy.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vid2vid.platform.experiment import run_experiment  # noqa: E402
+from vid2vid.platform.experiment import main  # noqa: E402
 
 if __name__ == "__main__":
-    run_experiment(sys.argv[1:], default_preset="cityscapes_512")
+    sys.exit(main(sys.argv[1:], default_preset="cityscapes_512", prog="experiments/cityscapes.py"))

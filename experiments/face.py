@@ -7,7 +7,8 @@
 
 ``data.source`` holds ``images/<seq>/`` and ``landmarks-dlib68/<seq>/`` (one JSON, .txt or .npy of 68
 points per frame; ``vid2vid.datasets.face.extract_landmarks`` writes them with a user-installed dlib).
-Arguments are ``key=value`` overrides of the typed config; ``preset=NAME`` loads
+Arguments are ``key=value`` overrides of the typed config (``--verbose`` shows Ray's own logs and
+tracebacks); ``preset=NAME`` loads
 ``experiments/configs/NAME.yaml`` (default: ``face_512``). On a cluster, give ``train.run_dir`` and
 ``data.out`` on storage every node sees: the job's working directory is a temporary copy.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vid2vid.platform.experiment import run_experiment  # noqa: E402
+from vid2vid.platform.experiment import main  # noqa: E402
 
 if __name__ == "__main__":
-    run_experiment(sys.argv[1:], default_preset="face_512")
+    sys.exit(main(sys.argv[1:], default_preset="face_512", prog="experiments/face.py"))

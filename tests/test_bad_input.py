@@ -1,10 +1,13 @@
-"""Bad input: each case is rejected with its file (and frame) and reason; valid input is still prepared."""
+"""Bad input: each case is rejected with its file (and frame) and reason; valid input is still prepared; and
+through the command line each bad input ends in one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +221,133 @@ def test_everything_rejected_is_a_clear_error(tmp_path):
     with pytest.raises(PrepareError, match="does not exist"):
         prepare(cfg_for(tmp_path / "no_such_dir", out=str(tmp_path / "out")), progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# through the command line: every bad input ends in one line on stderr and exit status 2
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONPATH": str(REPO),
+       "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def tiny_checkpoint(root: Path, *overrides: str) -> Path:
+    """A checkpoint folder as training writes it (config.json + generator/weights.pt), written directly."""
+    import torch
+
+    from vid2vid.config import load_config, to_dict
+    from vid2vid.models.vid2vid import GeneratorSide
+
+    cfg = load_config(["preset=smoke", "model.ngf=8", "model.n_blocks=2", f"data.resolution={W}x{H}", *overrides])
+    ckpt = root / "ckpt"
+    (ckpt / "generator").mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps(to_dict(cfg)))
+    torch.save(GeneratorSide(cfg.model).state_dict(), ckpt / "generator" / "weights.pt")
+    return ckpt
+
+
+def case_missing_source(tmp: Path):
+    return ["prepare", f"source={tmp / 'nope'}", f"out={tmp / 'out'}"], ["prepare: data.source=", "nope does not exist"]
+
+
+def case_text_files(tmp: Path):
+    (tmp / "notes").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp / "notes" / name).write_text("not a frame\n")
+    return ["prepare", f"source={tmp / 'notes'}", f"out={tmp / 'out'}"], ["cannot tell the layout", "notes"]
+
+
+def case_corrupt_png(tmp: Path):
+    labels = write_seq(tmp / "data", "seq", n=3)
+    labels[1].write_bytes(labels[1].read_bytes()[:60])
+    return (["generate", f"checkpoint={tiny_checkpoint(tmp)}", f"input={labels[0].parent}", f"out={tmp / 'x.mp4'}"],
+            [f"{labels[1]} (frame 1): cannot decode image"])
+
+
+def case_truncated_video(tmp: Path):
+    from vid2vid.media import write_video
+
+    rng = np.random.default_rng(0)
+    video = write_video(tmp / "clip.mp4", (rng.integers(0, 255, (H, W, 3), np.uint8) for _ in range(40)))
+    video.write_bytes(video.read_bytes()[: video.stat().st_size // 3])
+    ckpt = tiny_checkpoint(tmp, "model.label_nc=0", "model.input_nc=1", "model.use_instance=false",
+                           "model.fg_bg_prior=false")
+    return ["generate", f"checkpoint={ckpt}", f"input={video}", f"out={tmp / 'x.mp4'}"], [str(video), "video"]
+
+
+def case_raft_without_weights(tmp: Path):
+    write_seq(tmp / "data", "seq", n=3)
+    return (["prepare", f"source={tmp / 'data'}", f"out={tmp / 'out'}", "flow=raft"],
+            ["data.raft_weights is required with data.flow=raft", "raft-small.pth"])
+
+
+def case_wrong_format_weights(tmp: Path):
+    """Found inside a Ray Data actor (the flow estimator loads the weights there): Ray's error is unwrapped."""
+    import torch
+
+    write_seq(tmp / "data", "seq", n=3)
+    torch.save({"encoder.conv.weight": torch.zeros(3)}, tmp / "raft-small.pth")
+    return (["prepare", f"source={tmp / 'data'}", f"out={tmp / 'out'}", "flow=raft",
+             f"raft_weights={tmp / 'raft-small.pth'}", "clip_len=3"],
+            [f"{tmp / 'raft-small.pth'}: unexpected key 'encoder.conv.weight'"])
+
+
+def case_corrupt_weights(tmp: Path):
+    ckpt = tiny_checkpoint(tmp)
+    weights = ckpt / "generator" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    labels = write_seq(tmp / "data", "seq", n=3)
+    return (["generate", f"checkpoint={ckpt}", f"input={labels[0].parent}", f"out={tmp / 'x.mp4'}"],
+            [f"{weights}: cannot read the weights"])
+
+
+def case_missing_checkpoint(tmp: Path):
+    return (["generate", f"checkpoint={tmp / 'runs' / 'nope'}", f"input={tmp}", f"out={tmp / 'x.mp4'}"],
+            [f"checkpoint={tmp / 'runs' / 'nope'}: no such file or folder"])
+
+
+def case_run_folder_without_checkpoint(tmp: Path):
+    run = tmp / "runs" / "ray" / "smoke-1"  # a run that died before its first checkpoint
+    run.mkdir(parents=True)
+    (run / "mlflow_run_id.txt").write_text("0" * 32)
+    return (["generate", f"checkpoint={run}", f"input={tmp}", f"out={tmp / 'x.mp4'}"],
+            [f"run folder {run} holds no complete checkpoint yet"])
+
+
+def case_blank_answers(tmp: Path):
+    from vid2vid.media import write_video
+
+    for run in ("A", "B"):
+        (tmp / run).mkdir()
+        write_video(tmp / run / "seq.mp4", [np.full((H, W, 3), 40 if run == "A" else 200, np.uint8)] * 2)
+    pairs = subprocess.run([sys.executable, "-m", "vid2vid.cli", "ab-pairs", f"run_a={tmp / 'A'}",
+                            f"run_b={tmp / 'B'}", f"out={tmp / 'ab'}"], env=ENV, capture_output=True, text=True)
+    assert pairs.returncode == 0, pairs.stderr
+    return (["ab-score", f"answers={tmp / 'ab' / 'answers.csv'}", f"key={tmp / 'ab' / 'key.json'}"],
+            [f"{tmp / 'ab' / 'answers.csv'}: no left or right answer in 1 rows"])
+
+
+def case_experiment_without_source(tmp: Path):
+    """A preset for real data, run as the README's first example would be without data.source."""
+    return (["experiments/cityscapes.py", f"train.run_dir={tmp / 'runs'}"],
+            ["experiments/cityscapes.py: data.source is required", "github.com/NVIDIA/vid2vid",
+             "www.cityscapes-dataset.com"])
+
+
+BAD_INPUTS = [case_missing_source, case_text_files, case_corrupt_png, case_truncated_video, case_raft_without_weights,
+              case_wrong_format_weights, case_corrupt_weights, case_missing_checkpoint,
+              case_run_folder_without_checkpoint, case_blank_answers, case_experiment_without_source]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: c.__name__.removeprefix("case_"))
+def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path):
+    args, expected = case(tmp_path)
+    command = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", "vid2vid.cli", *args]
+    out = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2, f"exit status {out.returncode}\n{out.stderr[-3000:]}"
+    assert 1 <= len(lines) <= 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    prog = "experiments/cityscapes.py" if args[0].endswith(".py") else f"vid2vid {args[0]}"
+    assert lines[-1].startswith(f"{prog}: "), lines
+    for text in expected:
+        assert text in lines[-1], f"{text!r} not in {lines[-1]!r}"

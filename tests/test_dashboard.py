@@ -2,9 +2,13 @@
 
 A sweep is written to MLflow with the sweep's own logging helpers (parent run, one child per variant,
 comparison artifacts; no Ray: the real 4-trial sweep is test_sweep.py), an ``mlflow server`` serves it
-on 127.0.0.1, and Debian's chromium, driven by playwright-core (node), opens the runs table, expands
-the parent, shows the metric columns, and opens the compare view. Needs ``chromium`` and
-``playwright-core``; ``make test`` installs both (see the Makefile's browser block), otherwise skips.
+on 127.0.0.1, and Debian's chromium, driven by playwright-core (node), does what the README's dashboard
+section says: opens the experiments list, switches MLflow 3's sidebar from "GenAI" to "Model training",
+clicks the experiment (which opens on its runs table, not on a GenAI traces overview), expands the
+parent, shows the metric columns, and opens the compare view. A screenshot of each step is written to
+the test's folder, or to ``docs/`` (the README's pictures) with ``VID2VID_UPDATE_DOCS=1``. Needs
+``chromium`` and ``playwright-core``; ``make test`` installs both (see the Makefile's browser block),
+otherwise skips.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from vid2vid.platform.compare import TrialRecord
 from vid2vid.platform.sweep import VARIANTS, TrialSpec, log_trial_identity, parent_tags, trial_tags, write_comparison
@@ -42,7 +47,9 @@ pytestmark = [
 # The browser side: what a user does in the UI, reported as JSON for the assertions in Python.
 SCRIPT = r"""
 const { chromium } = require(process.env.PLAYWRIGHT);
-const [base, expId, parentName, compareUrl] = process.argv.slice(2);
+const [base, expName, parentName, compareUrl] = process.argv.slice(2);
+const shot = name => page.screenshot({path: `${process.env.SHOTS}/mlflow-${name}.png`});
+let page;
 (async () => {
   const ctx = await chromium.launchPersistentContext(process.env.USER_DATA_DIR, {
     executablePath: process.env.CHROMIUM, headless: true, viewport: {width: 2400, height: 1400},
@@ -54,11 +61,20 @@ const [base, expId, parentName, compareUrl] = process.argv.slice(2);
     if (host === '127.0.0.1' || r.request().url().startsWith('data:')) return r.continue();
     blocked.push(host); return r.abort();
   });
-  const page = ctx.pages()[0] || await ctx.newPage();
+  page = ctx.pages()[0] || await ctx.newPage();
   page.setDefaultTimeout(60000);
-  await page.goto(`${base}/#/experiments/${expId}/runs`, {waitUntil: 'load'});
+  // the home page lists the experiments. MLflow 3.17 opens in its GenAI mode, where an experiment opens
+  // on a traces overview: "Model training" at the top of the sidebar (kept by the browser) shows runs
+  await page.goto(`${base}/`, {waitUntil: 'load'});
+  const experiment = page.getByRole('link', {name: expName, exact: true}).first();
+  await experiment.waitFor();
+  await page.getByText('Model training', {exact: true}).first().click();
+  await shot('1-experiments');
+  await experiment.click();
   const parent = page.getByRole('link', {name: parentName, exact: true});
   await parent.waitFor();
+  const landed = page.url();
+  await shot('2-runs');
   // children are nested under the parent: expand it, then show every metric column
   await page.locator('[role=row]', {has: parent}).locator('button[data-component-id*="runnamecellrenderer"]').click();
   await page.getByRole('link', {name: `${parentName}-full-s0`}).waitFor();
@@ -66,6 +82,7 @@ const [base, expId, parentName, compareUrl] = process.argv.slice(2);
   await page.getByText(/^Metrics \(\d+\)$/).click();
   await page.keyboard.press('Escape');
   await page.getByRole('columnheader', {name: process.env.FIRST_METRIC}).first().waitFor();
+  await shot('3-children-and-metrics');
   const table = await page.evaluate(() => {
     const headers = Array.from(document.querySelectorAll('[role=columnheader]'))
       .map(h => h.innerText.trim()).filter(Boolean);
@@ -76,12 +93,12 @@ const [base, expId, parentName, compareUrl] = process.argv.slice(2);
     }
     return {headers, rows: Object.values(rows)};
   });
-  await page.screenshot({path: process.env.SHOT});
   await page.goto(`${base}/${compareUrl}`, {waitUntil: 'load'});
   await page.getByText(/Comparing \d+ Runs/).waitFor();
   await page.getByText('Run details').waitFor();
+  await shot('4-compare');
   const compare = await page.evaluate(() => document.body.innerText);
-  console.log(JSON.stringify({table, compare, blocked}));
+  console.log(JSON.stringify({table, compare, blocked, landed}));
   await ctx.close();
 })().catch(e => { console.error(e); process.exit(1); });
 """
@@ -153,16 +170,24 @@ def test_mlflow_ui_lists_sweep_runs_with_metric_columns(mlflow_ui, tmp_path):
     base, exp, children, parent_id = mlflow_ui
     compare = "#/compare-runs?runs=" + json.dumps(list(children.values())).replace(" ", "") + \
               "&experiments=" + json.dumps([exp]).replace(" ", "")
+    shots = REPO / "docs" if os.environ.get("VID2VID_UPDATE_DOCS") else tmp_path
+    shots.mkdir(exist_ok=True)
     script = tmp_path / "ui.js"
     script.write_text(SCRIPT)
     env = dict(os.environ, PLAYWRIGHT=str(PLAYWRIGHT), CHROMIUM=str(CHROMIUM), FLAGS=json.dumps(FLAGS),
-               USER_DATA_DIR=str(tmp_path / "chromium-profile"), SHOT=str(tmp_path / "runs.png"),
+               USER_DATA_DIR=str(tmp_path / "chromium-profile"), SHOTS=str(shots),
                FIRST_METRIC=METRICS[0])
-    out = subprocess.run(["node", str(script), base, exp, "abl", compare], env=env, capture_output=True, text=True,
-                         timeout=240)
+    out = subprocess.run(["node", str(script), base, "sweep-ui", "abl", compare], env=env, capture_output=True,
+                         text=True, timeout=240)
     assert out.returncode == 0, f"browser run failed:\n{out.stderr[-3000:]}\n{out.stdout[-2000:]}"
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     print("requests refused (not 127.0.0.1):", sorted(set(seen["blocked"])))
+    # the experiment opened on its runs table, not on a GenAI overview; and it is tagged a model-training one
+    assert f"/experiments/{exp}/runs?workflowType=machine_learning" in seen["landed"], seen["landed"]
+    kind = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment(exp).tags.get("mlflow.experimentKind")
+    assert kind == "custom_model_development"
+    assert all((shots / f"mlflow-{name}.png").stat().st_size > 10_000
+               for name in ("1-experiments", "2-runs", "3-children-and-metrics", "4-compare"))
 
     headers = set(seen["table"]["headers"])
     assert set(METRICS) <= headers, f"metric columns missing from the runs table: {sorted(headers)}"

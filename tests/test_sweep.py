@@ -152,6 +152,32 @@ def test_summary_mean_and_sample_std_match_numpy(tmp_path):
     assert csv_text[1].startswith("full,3,0 1 2,13.0,")
 
 
+def test_comparison_shows_intervals_and_marks_differences_they_do_not_support(tmp_path):
+    """Each trial logs eval/fid_i3d with /ci95_low, /ci95_high and /clips. Against the reference (first
+    group), overlapping intervals are marked ≈; disjoint ones are not."""
+    def rec(group, seed, value, low, high):
+        return TrialRecord(group, group, seed, f"{group}-s{seed}", None,
+                           {"eval/fid_i3d": value, "eval/fid_i3d/ci95_low": low, "eval/fid_i3d/ci95_high": high,
+                            "eval/fid_i3d/clips": 500.0, "G/total": 1.0})
+
+    records = [rec("full", 0, 10.0, 8.0, 12.0), rec("full", 1, 12.0, 10.0, 14.0),
+               rec("no_flow_warping", 0, 13.0, 11.0, 15.0),  # overlaps full's [9, 13]
+               rec("no_video_discriminator", 0, 30.0, 27.0, 33.0)]  # clear of it
+    metrics = headline_metrics(metric_columns(records))
+    assert metrics == ["eval/fid_i3d", "G/total"], "the companions are not columns of their own"
+    summaries = summarize(records, metrics)
+    assert (summaries[0].low["eval/fid_i3d"], summaries[0].high["eval/fid_i3d"]) == (9.0, 13.0)
+    md = comparison_markdown(summaries, metrics)
+    assert "| full | 2 | 11 ± 1.414 [9, 13] n=500 |" in md
+    assert "| no_flow_warping | 1 | ≈ 13 [11, 15] n=500 |" in md
+    assert "| no_video_discriminator | 1 | 30 [27, 33] n=500 |" in md
+    assert "≈: the interval overlaps the reference's (full)" in md
+    rows = write_comparison_csv(summaries, metrics, tmp_path / "c.csv").read_text().splitlines()
+    assert rows[0].startswith("group,num_seeds,seeds,eval/fid_i3d_mean,eval/fid_i3d_std,eval/fid_i3d_ci95_low,"
+                              "eval/fid_i3d_ci95_high,eval/fid_i3d_clips,eval/fid_i3d_vs_reference,G/total_mean")
+    assert [r.split(",")[8] for r in rows[1:]] == ["", "not supported", "supported"]
+
+
 def test_plots_are_png(tmp_path):
     records = _records()
     a = plot_metrics(records, ["eval/fid_i3d", "G/total"], tmp_path / "m.png")
@@ -186,7 +212,7 @@ def killed_and_restored_sweep(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     i3d = save_random_weights("i3d", root / "i3d_random.pt")
     args = [*TINY, f"data.out={root / 'shards'}", f"train.run_dir={root / 'runs'}", "train.experiment=sweep-test",
-            f"eval.i3d_weights={i3d}", "eval.allow_random_weights=true", "eval_input_sizes={i3d: 64}",
+            f"eval.i3d_weights={i3d}", "eval.allow_random_weights=true", "eval_input_sizes={i3d: 64, fvd: 64}",
             "name=abl", "max_failures=1"]
     cfg, sweep = parse_sweep_args(args)
     prepare(cfg.data)

@@ -1,11 +1,14 @@
-"""Warping error: zero for a video that moves exactly along its flow, positive otherwise."""
+"""Warping error: zero for a video that moves exactly along its flow, positive otherwise. tOF: zero for
+a video that moves like the real one, the real motion's size for a video that stands still."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from vid2vid.eval.temporal import warping_error
+from vid2vid.datasets.flow import FlowEstimator
+from vid2vid.eval.temporal import backward_flows, tof_terms, warping_error
 from vid2vid.models.warp import warp
 
 T, H, W = 5, 24, 32
@@ -79,3 +82,29 @@ def test_bad_inputs_are_errors():
         warping_error(frames, flows, conf[:, :, 0])
     with pytest.raises(ValueError, match="confidence is zero"):
         warping_error(frames, flows, torch.zeros_like(conf))
+
+
+def panning_video(h: int = 64, w: int = 96) -> np.ndarray:
+    """(T, h, w, 3) uint8: a smooth textured scene panned by (DX, DY) per frame (integer crops)."""
+    ys, xs = np.mgrid[0:h + 2 * T, 0:w + 4 * T].astype(np.float64)
+    scene = 128 + 60 * np.sin(xs / 5.0) * np.cos(ys / 7.0) + 40 * np.sin((xs + 2 * ys) / 11.0)
+    y0, x0 = T, 2 * T
+    frames = [scene[y0 + t * DY:y0 + t * DY + h, x0 + t * DX:x0 + t * DX + w] for t in range(T)]
+    return np.repeat(np.stack(frames)[..., None], 3, axis=-1).round().clip(0, 255).astype(np.uint8)
+
+
+def test_tof_zero_for_the_same_motion_and_the_motion_size_for_a_frozen_video():
+    """DIS on both sides, as the service does for synthetic shards (their exact flows are not DIS's)."""
+    real = panning_video()
+    dis = FlowEstimator("dis")
+    real_flows = backward_flows(real, dis)
+    valid = np.ones(T, bool)
+    valid[0] = False
+    assert tof_terms(real, real_flows, valid, dis) == (0.0, T - 1)  # the same frames: the same flows
+    inner = real_flows[1:, 8:-8, 8:-8]
+    assert np.abs(inner - [DX, DY]).mean() < 0.2, "DIS sees the pan"
+    frozen = np.repeat(real[:1], T, axis=0)  # stands still where the real video pans by (DX, DY)
+    total, pairs = tof_terms(frozen, real_flows, valid, dis)
+    assert pairs == T - 1 and total / pairs == pytest.approx(np.hypot(DX, DY), rel=0.15)
+    valid[2] = False  # a frame without a real flow (a stitch between stored clips) is left out
+    assert tof_terms(frozen, real_flows, valid, dis)[1] == T - 2

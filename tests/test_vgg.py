@@ -112,6 +112,28 @@ def test_build_vgg_loss_with_weights(weights_file):
     assert isinstance(loss, VGGLoss) and loss.weight == 3.0
 
 
+def test_auto_weights_fetched_once_and_a_failed_download_says_why(weights_file, tmp_path, monkeypatch, caplog):
+    """model.vgg_weights=auto (the real presets' setting): torchvision's file from a (here: file://) URL,
+    checked against the sha256 prefix in its name, cached; without a network the loss is off and says why."""
+    import dataclasses
+    import hashlib
+
+    from vid2vid import weights
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    prefix = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:8]
+    monkeypatch.setitem(weights.PUBLIC, "vgg19", dataclasses.replace(weights.PUBLIC["vgg19"], url=weights_file.as_uri(),
+                                                                     sha256_prefix=prefix))
+    loss = build_vgg_loss(ModelConfig(vgg_weights="auto"))
+    assert isinstance(loss, VGGLoss) and (tmp_path / "xdg" / "vid2vid" / "vgg19-dcbb9e9d.pth").is_file()
+    (tmp_path / "xdg" / "vid2vid" / "vgg19-dcbb9e9d.pth").unlink()
+    monkeypatch.setitem(weights.PUBLIC, "vgg19", dataclasses.replace(weights.PUBLIC["vgg19"],
+                                                                     url=(tmp_path / "down").as_uri()))
+    with caplog.at_level(logging.WARNING):
+        assert build_vgg_loss(ModelConfig(vgg_weights="auto")) is None
+    assert "VGG perceptual loss is OFF: vgg19-dcbb9e9d.pth: cannot download" in caplog.text
+
+
 def test_vgg_loss_zero_for_identical_and_by_hand(vgg):
     torch.manual_seed(0)
     loss = VGGLoss(vgg, weight=10.0)

@@ -27,11 +27,12 @@ import csv
 import json
 import math
 import random
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from vid2vid.errors import UserError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 GAP_PX = 8  # neutral grey bar between the two panels, so raters see two videos, not one wide one
@@ -39,7 +40,7 @@ TIE_WORDS = ("same", "tie", "")
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
-class ABError(ValueError):
+class ABError(UserError, ValueError):
     """Bad A/B input; the message names the file, the line or the pair."""
 
 
@@ -251,6 +252,9 @@ def score(answers: str | Path, key: str | Path, seed: int = 0) -> ABScore:
         counts[0] += int(sides[pair][choice] == "A")
         counts[1] += 1
     decided = sum(c[1] for c in per_pair.values())
+    if decided == 0:  # a sheet as exported (every choice empty), or only ties: no rate is defined
+        raise ABError(f"{answers}: no left or right answer in {total} rows ({ties} same or empty); raters fill "
+                      f"the choice column with left, right or same")
     a_pairs = [(c[0], c[1]) for c in per_pair.values()]
     scores = []
     for run, pairs in (("A", a_pairs), ("B", [(n - w, n) for w, n in a_pairs])):
@@ -271,23 +275,20 @@ def _kv(args: list[str], allowed: dict[str, object], command: str) -> dict[str, 
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in allowed:
-            raise ABError(f"vid2vid {command}: unexpected argument {arg!r}; keys: {', '.join(allowed)}")
+            raise ABError(f"unexpected argument {arg!r}; keys: {', '.join(allowed)}")
         default = allowed[key]
         out[key] = type(default)(value) if default is not None and not isinstance(default, str) else value
     return out
 
 
 def main_pairs(args: list[str]) -> int:
-    try:
-        o = _kv(args, {"run_a": "", "run_b": "", "out": "", "seed": 0, "fps": 15.0, "tracking_uri": None,
-                       "max_pairs": 0}, "ab-pairs")
-        if not (o["run_a"] and o["run_b"] and o["out"]):
-            raise ABError("vid2vid ab-pairs: run_a=, run_b= and out= are required")
-        res = export_pairs(o["run_a"], o["run_b"], o["out"], int(o["seed"]), float(o["fps"]), o["tracking_uri"],
-                           int(o["max_pairs"]))
-    except ABError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """``vid2vid ab-pairs``; an :class:`ABError` becomes one line on stderr, exit status 2 (``vid2vid.cli``)."""
+    o = _kv(args, {"run_a": "", "run_b": "", "out": "", "seed": 0, "fps": 15.0, "tracking_uri": None,
+                   "max_pairs": 0}, "ab-pairs")
+    if not (o["run_a"] and o["run_b"] and o["out"]):
+        raise ABError("run_a=, run_b= and out= are required")
+    res = export_pairs(o["run_a"], o["run_b"], o["out"], int(o["seed"]), float(o["fps"]), o["tracking_uri"],
+                       int(o["max_pairs"]))
     print(f"{len(res.pairs)} pairs in {res.out / 'pairs'}; rater sheet {res.answers}; answer key {res.key} "
           f"(keep it from the raters)")
     for run, names in res.unmatched.items():
@@ -297,14 +298,11 @@ def main_pairs(args: list[str]) -> int:
 
 
 def main_score(args: list[str]) -> int:
-    try:
-        o = _kv(args, {"answers": "", "key": "", "out": "", "seed": 0}, "ab-score")
-        if not (o["answers"] and o["key"]):
-            raise ABError("vid2vid ab-score: answers= and key= are required")
-        res = score(o["answers"], o["key"], int(o["seed"]))
-    except ABError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """``vid2vid ab-score``; an :class:`ABError` becomes one line on stderr, exit status 2 (``vid2vid.cli``)."""
+    o = _kv(args, {"answers": "", "key": "", "out": "", "seed": 0}, "ab-score")
+    if not (o["answers"] and o["key"]):
+        raise ABError("answers= and key= are required")
+    res = score(o["answers"], o["key"], int(o["seed"]))
     print(res.format())
     if o["out"]:
         Path(o["out"]).write_text(json.dumps(asdict(res), indent=1))

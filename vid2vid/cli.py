@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from vid2vid.config import Config, ConfigError, load_config
+from vid2vid.config import Config, load_config
 
 
 def _config(args: list[str], default_section: str | None = None) -> Config:
@@ -40,10 +40,12 @@ def cmd_model_summary(args: list[str]) -> int:
 
 
 def cmd_prepare(args: list[str]) -> int:
+    from vid2vid.console import is_verbose
     from vid2vid.datasets.prepare import prepare
+    from vid2vid.platform.trainer import ensure_ray
 
     cfg = _config(args, "data")
-    summary = prepare(cfg.data, progress=True)
+    summary = prepare(cfg.data, progress=is_verbose(), start_ray=ensure_ray)  # Ray starts once there is work
     print(summary.format())
     return 0
 
@@ -72,6 +74,32 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int] | str, str]] = {
 }
 
 
+# Commands whose checkpoint= may also name a run folder, a run name or an MLflow run id (see
+# vid2vid.platform.locate); run_dir= and tracking_uri= say where to look and are consumed here,
+# except by `evaluate`, which also logs to tracking_uri.
+CHECKPOINT_COMMANDS = ("generate", "fit-styles", "predict", "evaluate")
+
+
+def _checkpoint_args(command: str, args: list[str]) -> list[str]:
+    """Replace ``checkpoint=<any spelling>`` by the checkpoint folder it names."""
+    if command not in CHECKPOINT_COMMANDS or not any(a.startswith("checkpoint=") for a in args):
+        return args
+    from vid2vid.platform.locate import locate_checkpoint
+
+    where = {"run_dir": "runs", "tracking_uri": None}
+    rest = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in where:
+            where[key] = value
+            if key == "tracking_uri" and command == "evaluate":
+                rest.append(arg)
+        else:
+            rest.append(arg)
+    return [f"checkpoint={locate_checkpoint(a.partition('=')[2], where['run_dir'], where['tracking_uri'])}"
+            if a.startswith("checkpoint=") else a for a in rest]
+
+
 def _handler(name: str) -> Callable[[list[str]], int]:
     handler = COMMANDS[name][0]
     if isinstance(handler, str):
@@ -81,26 +109,28 @@ def _handler(name: str) -> Callable[[list[str]], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vid2vid.console import VERBOSE_FLAGS, run_main
+
     parser = argparse.ArgumentParser(
         prog="vid2vid",
         description="Train, ablate and evaluate vid2vid video-to-video synthesis on Ray.",
-        epilog="Arguments are key=value config overrides; preset=NAME loads experiments/configs/NAME.yaml.",
+        epilog="Arguments are key=value config overrides; preset=NAME loads experiments/configs/NAME.yaml. "
+               "--verbose (anywhere) shows Ray's own logs and tracebacks.",
     )
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true", help="show Ray's and MLflow's logs and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         escaped = help_text.replace("%", "%%")  # argparse formats help strings with %
         p = sub.add_parser(name, help=escaped, description=escaped)
         p.add_argument("overrides", nargs="*", metavar="key=value")
-    ns = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = [a for a in args if a in VERBOSE_FLAGS]
+    ns = parser.parse_args([a for a in args if a not in VERBOSE_FLAGS])
     if ns.command is None:
         parser.print_help()
         return 2
-    try:
-        return _handler(ns.command)(ns.overrides)
-    except ConfigError as exc:
-        print(f"vid2vid {ns.command}: config error: {exc}", file=sys.stderr)
-        return 2
-
+    return run_main(f"vid2vid {ns.command}", lambda rest: _handler(ns.command)(_checkpoint_args(ns.command, rest)),
+                    [*verbose, *ns.overrides])
 
 if __name__ == "__main__":
     sys.exit(main())

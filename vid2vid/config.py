@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vid2vid.errors import UserError
+
 # Cityscapes labelIds treated as foreground (person, rider, car, truck, bus, train, motorcycle,
 # bicycle). The reference code defaults to car (26) only.
 CITYSCAPES_FOREGROUND_IDS = (24, 25, 26, 27, 28, 31, 32, 33)
@@ -24,7 +26,7 @@ CITYSCAPES_FOREGROUND_IDS = (24, 25, 26, 27, 28, 31, 32, 33)
 PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value is invalid; the message names the key."""
 
 
@@ -71,7 +73,7 @@ class ModelConfig:
     lambda_T: float = 10.0  # generated-frame warp loss
     lambda_mask: float = 0.0  # mask regulariser (pushes the mask towards the warped image)
     lambda_face: float = 2.0  # face discriminator's GAN term for G (the reference's face_weight)
-    vgg_weights: str | None = None  # path to torchvision VGG19 weights; None = VGG loss off
+    vgg_weights: str | None = None  # torchvision VGG19: a path, "auto" (download once) or None (VGG loss off)
 
     @property
     def prev_frames(self) -> int:
@@ -86,7 +88,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | vid2vid folder root | cityscapes raw root | video file/dir
+    # synthetic | vid2vid folder root | cityscapes raw root | video file/dir | face or pose folder; the
+    # presets for real data leave it empty (null), so a run says where to get the data instead of guessing
+    source: str | None = "synthetic"
     source_kind: Literal["auto", "synthetic", "vid2vid", "cityscapes", "video", "face", "pose"] = "auto"
     split: str = "train"
     out: str = "runs/shards/synthetic"
@@ -106,9 +110,16 @@ class DataConfig:
     # the folder with *instanceIds.png ("" = the label folder; instances are optional)
     cityscapes_label_dir: str = "gtFine_sequence"
     cityscapes_instance_dir: str = ""
+    # Validation split ("val"), used by evaluation: a source's own val split (Cityscapes val,
+    # <root>/val_A) is prepared with the train split; else val_source (a folder of the same layout, all
+    # of it validation), or training sequences held out by name or by fraction (evenly spread).
+    val_source: str | None = None
+    val_sequences: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
     # synthetic scenes
     synthetic_sequences: int = 4
     synthetic_frames: int = 12
+    synthetic_val_sequences: int = 0  # fresh synthetic sequences (their own seeds) as the val split
     seed: int = 0
 
     @property
@@ -143,7 +154,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = once per epoch
     # Seconds between reports to Ray Train (0: every step). Each report waits for Ray's controller to
     # take the previous one (it polls every 2 s); checkpoints and the run's end always report, and
-    # MLflow gets every step's metrics whatever this is.
+    # MLflow gets every step's metrics whatever this is. The first step always reports, and a shorter
+    # train.progress_every_s wins (progress lines are printed from reports).
     report_every_s: float = 10.0
     max_failures: int = 0
     seed: int = 0
@@ -153,15 +165,29 @@ class TrainConfig:
     warm_start: str | None = None  # checkpoint of a lower-resolution run
     sample_every: int = 0  # steps between sample videos; 0 = at the end only
     run_name: str | None = None  # default <name>-<timestamp>; an existing run's name resumes it
+    allow_config_change: bool = False  # resume a run with a config that differs from its own (the diff is logged)
+    progress_every_s: float = 10.0  # the driver's progress line: every step, but at most once per this many s
 
 
 @dataclass
 class EvalConfig:
-    i3d_weights: str | None = None
-    resnext_weights: str | None = None
-    num_clips: int = 8
+    # Feature-net weights, each: None (metric skipped; the log and a tag say which file to give), a path,
+    # "auto" (the public file, downloaded once into $XDG_CACHE_HOME/vid2vid and checked), or
+    # "URL#sha256=<hex>" (a mirror). See vid2vid/weights.py and the README's metric table.
+    i3d_weights: str | None = None  # piergiaj rgb_imagenet.pt: eval/fid_i3d and eval/fvd
+    styleganv_i3d_weights: str | None = None  # StyleGAN-V i3d_torchscript.pt: eval/fvd_styleganv
+    resnext_weights: str | None = None  # kenshohara resnext-101-kinetics.pth: eval/fid_resnext
+    split: Literal["val", "train"] = "val"  # train: training clips, only when asked (tagged)
+    num_clips: int = 0  # 0 = every clip of the split (the paper's protocol); N = N clips spread evenly
     clip_len: int = 16
     batch_size: int = 4
+    fid_frame: Literal["crop", "whole"] = "crop"  # FID-I3D/ResNeXt input: centre crop or whole frame (FVD: whole)
+    bootstrap: int = 500  # resamples of the generated clips for the 95% intervals; 0 = none
+    # Multimodal models (model.use_features): sampled styles (the checkpoint's styles.npz, fitted on the
+    # training split when missing), E's features of the real frames (metrics *_recon), or both.
+    styles: Literal["sampled", "real", "both"] = "sampled"
+    style_seed: int = 0
+    style_fit_clips: int = 64  # training clips fit-styles reads when the checkpoint has no styles.npz
     allow_random_weights: bool = False  # test-only: metrics are tagged as not comparable
     during_training: bool = False
     # Real-data feature statistics, one .npz per (dataset, split, resolution, net, weights sha256);
@@ -342,6 +368,13 @@ def validate(cfg: Any) -> None:
         parse_resolution(data.resolution)
         if data.clip_len < 1:
             raise ConfigError("data.clip_len: must be >= 1")
+        if not 0.0 <= data.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {data.val_fraction}")
+    if isinstance(cfg, (Config, EvalConfig)):
+        ev = cfg.eval if isinstance(cfg, Config) else cfg
+        for key in ("num_clips", "bootstrap", "style_fit_clips"):
+            if getattr(ev, key) < 0:
+                raise ConfigError(f"eval.{key}: must be >= 0, got {getattr(ev, key)}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

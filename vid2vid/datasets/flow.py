@@ -118,7 +118,7 @@ def _cached_raft(path: str, mtime_ns: int, device: str):
 def _raft_weights(weights_path) -> Path:
     if weights_path is None:
         raise ValueError("method='raft' needs weights_path: the official RAFT-small checkpoint "
-                         "raft-small.pth (princeton-vl/RAFT), e.g. ../shared/weights/raft-small.pth")
+                         "raft-small.pth (github.com/princeton-vl/RAFT, models.zip)")
     path = Path(weights_path)
     if not path.is_file():
         raise FileNotFoundError(f"RAFT-small weights not found: {path}")

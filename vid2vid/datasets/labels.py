@@ -10,8 +10,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from vid2vid.errors import UserError
 
-class BadInput(ValueError):
+
+class BadInput(UserError, ValueError):
     """One input (a file, or a frame of a video) cannot be prepared; the prepare run rejects it.
 
     ``path`` and ``frame`` (index inside its sequence, when known) land in the manifest's rejects.
@@ -23,6 +25,9 @@ class BadInput(ValueError):
         self.frame = frame
         where = self.path if frame is None else f"{self.path} (frame {frame})"
         super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):  # Ray pickles errors raised in its tasks: rebuild from the three fields
+        return BadInput, (self.path, self.reason, self.frame)
 
 
 def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:

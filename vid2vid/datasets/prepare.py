@@ -11,6 +11,14 @@ complete. Execute (Ray Data, streaming, one shard task per row, so blocks stay o
 Every input that cannot be prepared becomes a reject ``{path, frame, reason}`` in the manifest and the
 closing summary; the run fails only when nothing at all could be prepared.
 
+Validation split (:func:`with_val_split`): evaluation reads ``val``. It is the source's own (a
+requested ``val``, Cityscapes' ``leftImg8bit_sequence/val`` or a vid2vid ``val_A`` next to
+``train_A``, prepared along with ``train`` even when only ``train`` was asked for, and synthetic
+scenes' ``data.synthetic_val_sequences``), else every sequence of ``data.val_source`` (a folder of the
+same layout), else training sequences held out by name (``data.val_sequences``) or by fraction
+(``data.val_fraction``, evenly spread over the sorted names). The manifest records where it came
+from (``splits.val.origin``).
+
 Flow convention: ``flow[t] = estimate_flow(frame[t], frame[t-1])`` (backward, Middlebury), so
 ``warp(frame[t-1], flow[t]) ~ frame[t]``; its confidence is forward-backward consistency. Synthetic
 scenes store their EXACT flow and validity mask instead. Flow is estimated once per shard task on
@@ -19,10 +27,13 @@ consecutive frames, so overlapping clips share it; each clip's first flow and co
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,12 +42,24 @@ import numpy as np
 from vid2vid.config import ConfigError, DataConfig, validate
 from vid2vid.datasets import shards
 from vid2vid.datasets.labels import BadInput, instance_edges
-from vid2vid.datasets.sources import SOURCES, FrameBlock, Reject, SequenceSpec, make_source
+from vid2vid.datasets.sources import (
+    SOURCES,
+    CityscapesRaw,
+    FrameBlock,
+    Listing,
+    Reject,
+    SequenceSpec,
+    detect_kind,
+    make_source,
+)
+from vid2vid.errors import UserError
 
 STAGES = ("list", "decode", "resize", "flow", "write")
+VAL = "val"
+log = logging.getLogger(__name__)
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """Nothing could be prepared (every input rejected) or the output folder is inconsistent."""
 
 
@@ -69,6 +92,7 @@ class PrepareSummary:
     frames: int  # frames decoded by this run
     rejected: list[Reject] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # list + per-stage task time, total wall
+    val_origin: str | None = None  # where the val split came from (None: there is none)
 
     @property
     def frames_per_second(self) -> float:
@@ -77,7 +101,11 @@ class PrepareSummary:
     def format(self) -> str:
         lines = [f"prepared {self.out}"]
         for split, n in sorted(self.clips.items()):
-            lines.append(f"  {split}: {n} clips ({self.written.get(split, 0)} written now)")
+            lines.append(f"  {split}: {n} clips ({self.written.get(split, 0)} written now)"
+                         + (f"; {self.val_origin}" if split == VAL and self.val_origin else ""))
+        if VAL not in self.clips:
+            lines.append("  no val split: evaluation needs data.val_source, data.val_sequences or "
+                         "data.val_fraction (or eval.split=train)")
         if self.skipped_shards:
             lines.append(f"  kept {self.skipped_shards} complete shards from an earlier run")
         stage = ", ".join(f"{k} {self.seconds.get(k, 0.0):.1f}s" for k in STAGES)
@@ -216,6 +244,65 @@ def _write_task(task: ShardTask, block: FrameBlock, cfg: DataConfig, settings: d
 
 
 # ------------------------------------------------------------------------------------------------
+# the validation split
+
+
+def _own_val(cfg: DataConfig, kind: str) -> bool:
+    """The source has a ``val`` split folder of its own (prepared even when ``data.split`` omits it)."""
+    root = Path(cfg.source)
+    return (kind == "vid2vid" and (root / f"{VAL}_A").is_dir()) or \
+        (kind == "cityscapes" and (root / CityscapesRaw.FRAMES / VAL).is_dir())
+
+
+def _as_val(specs: list[SequenceSpec]) -> list[SequenceSpec]:
+    return [dataclasses.replace(s, split=VAL) for s in specs]
+
+
+def with_val_split(cfg: DataConfig, kind: str, listing: Listing) -> tuple[Listing, str | None]:
+    """``listing`` with its ``val`` sequences, and where they came from (module docstring); None when
+    there is no validation split (evaluation then needs ``eval.split=train``)."""
+    seqs, rejects = list(listing.sequences), list(listing.rejects)
+    has_val = any(s.split == VAL and s.has_frames for s in seqs)
+    if not has_val and _own_val(cfg, kind):
+        own = make_source(dataclasses.replace(cfg, split=VAL)).list()
+        seqs, rejects, has_val = seqs + own.sequences, rejects + own.rejects, True
+    if has_val:
+        if cfg.val_source or cfg.val_sequences or cfg.val_fraction:
+            log.info("the source has its own %r split; data.val_source/val_sequences/val_fraction are unused", VAL)
+        origin = ("synthetic: data.synthetic_val_sequences unseen scenes" if kind == "synthetic"
+                  else f"the source's own {VAL!r} split")
+        return Listing(seqs, rejects), origin
+    if cfg.val_source:
+        other = make_source(dataclasses.replace(cfg, source=cfg.val_source, split="all")).list()
+        val = _as_val([s for s in other.sequences if s.has_frames])
+        if not val:
+            raise PrepareError(f"data.val_source={cfg.val_source}: no sequence with real frames to validate on")
+        return Listing(seqs + val, rejects + other.rejects), f"data.val_source={cfg.val_source}"
+    train = sorted((s for s in seqs if s.split == "train" and s.has_frames), key=lambda s: s.name)
+    if cfg.val_sequences:
+        names = {s.name for s in train}
+        unknown = sorted(set(cfg.val_sequences) - names)
+        if unknown:
+            raise PrepareError(f"data.val_sequences: no training sequence named {unknown}; the training "
+                               f"sequences are {sorted(names)}")
+        held = set(cfg.val_sequences)
+        origin = f"held out of train by name: {sorted(held)}"
+    elif cfg.val_fraction > 0:
+        if len(train) < 2:
+            log.warning("data.val_fraction=%g: %d training sequence(s), none can be held out; no %r split "
+                        "(evaluation needs eval.split=train)", cfg.val_fraction, len(train), VAL)
+            return listing, None
+        k = min(len(train) - 1, max(1, round(cfg.val_fraction * len(train))))
+        held = {train[round(i)].name for i in np.linspace(0, len(train) - 1, k)}
+        origin = f"held out of train: data.val_fraction={cfg.val_fraction:g}, {len(held)} of {len(train)} " \
+                 f"sequences {sorted(held)}"
+    else:
+        return listing, None
+    out = [dataclasses.replace(s, split=VAL) if s.split == "train" and s.name in held else s for s in seqs]
+    return Listing(out, rejects), origin
+
+
+# ------------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -229,23 +316,138 @@ def _check(cfg: DataConfig) -> None:
             raise ConfigError(f"data.{key}: must be >= 0, got {getattr(cfg, key)}")
 
 
+# ------------------------------------------------------------------------------------------------
+# the data settings a prepared folder was made with (manifest["data"])
+
+# Keys that change only the layout or the speed of preparing, never a clip's content.
+LAYOUT_KEYS = ("split", "out", "overwrite", "rows_per_shard", "shard_mb", "flow_actors")
+# Keys that matter only to some sources (by the prepared folder's source_kind); all others always do.
+KIND_KEYS = {"synthetic_sequences": {"synthetic"}, "synthetic_frames": {"synthetic"}, "seed": {"synthetic", "pose"},
+             "canny_low": {"video"}, "canny_high": {"video"}, "label_nc": {"vid2vid", "cityscapes"},
+             "cityscapes_label_dir": {"cityscapes"}, "cityscapes_instance_dir": {"cityscapes"}}
+# Where real data comes from, said when a preset for real data is run without data.source.
+SOURCE_HINTS = {
+    "face": "a folder with images/<seq>/ and landmarks-dlib68/<seq>/ (FaceForensics videos with dlib-68 "
+            "landmarks; a 5-frame sample is NVlabs/imaginaire's dataset/unit_test/raw/fs_vid2vid/face)",
+    "pose": "a folder with pose_maps-densepose/, poses-openpose/ and images/ (dance videos through DensePose and "
+            "OpenPose; a 5-frame sample is NVlabs/imaginaire's dataset/unit_test/raw/vid2vid/pose)",
+    "default": "a vid2vid-layout folder (train_A/ label maps, train_B/ frames, train_inst/) such as the Cityscapes "
+               "sample in the first commit of github.com/NVIDIA/vid2vid (datasets/Cityscapes), or raw Cityscapes "
+               "(leftImg8bit_sequence/ from www.cityscapes-dataset.com, with data.source_kind=cityscapes and one "
+               "*labelIds.png per frame), or data.source=synthetic for generated street scenes",
+}
+
+
+def _source_id(source: str) -> str:
+    return source if source == "synthetic" else str(Path(source).expanduser().resolve())
+
+
+def data_settings(cfg: DataConfig) -> dict:
+    """The ``data.*`` values a prepared folder's content depends on, as recorded in its manifest."""
+    values = {k: v for k, v in asdict(cfg).items() if k not in LAYOUT_KEYS}
+    values["source"] = _source_id(cfg.source) if cfg.source is not None else None
+    values["resolution"] = "x".join(map(str, cfg.size))
+    values["clip_stride"] = cfg.clip_stride or cfg.clip_len
+    return values
+
+
+def _recorded(manifest: dict) -> dict:
+    """The settings of a manifest; one written before they were recorded gives what it has."""
+    if "data" in manifest:
+        return manifest["data"]
+    return {"resolution": "x".join(map(str, manifest["resolution"])), "clip_len": manifest["clip_len"],
+            "clip_stride": manifest["clip_stride"]}
+
+
+def settings_mismatch(manifest: dict, cfg: DataConfig) -> dict[str, tuple]:
+    """``key -> (value the folder was prepared with, value asked now)`` for every differing key."""
+    kind = manifest.get("source_kind")
+    flows = kind != "synthetic"  # synthetic scenes store their exact flow whatever data.flow says
+    asked = data_settings(cfg)
+    out = {}
+    for key, was in _recorded(manifest).items():
+        now = asked.get(key)
+        if key in KIND_KEYS and kind not in KIND_KEYS[key]:
+            continue
+        if key == "source_kind":  # "auto" is whatever the folder was found to be
+            was, now = (kind if v == "auto" else v for v in (was, now))
+        if (key == "flow" and not flows) or (key == "raft_weights" and (not flows or asked["flow"] != "raft")):
+            continue
+        if was != now:
+            out[key] = (was, now)
+    return out
+
+
+def require_source(cfg: DataConfig) -> None:
+    """A preset for real data leaves ``data.source`` empty: say what to give and where it comes from."""
+    if cfg.source is None or not str(cfg.source).strip():
+        hint = SOURCE_HINTS.get(cfg.source_kind, SOURCE_HINTS["default"])
+        raise ConfigError(f"data.source is required: give data.source=<path>, {hint}")
+
+
+def check_prepared(cfg: DataConfig) -> dict | None:
+    """The manifest of ``cfg.out`` when it was prepared with ``cfg``'s data settings; None when there is
+    none (or ``data.overwrite=true`` rebuilds it). A folder prepared otherwise is a :class:`ShardError`
+    naming each differing key."""
+    require_source(cfg)
+    if cfg.overwrite or not (Path(cfg.out) / shards.MANIFEST).is_file():
+        return None
+    manifest = shards.load_manifest(cfg.out)
+    diff = settings_mismatch(manifest, cfg)
+    if diff:
+        listed = "; ".join(f"data.{k}={_show(was)} there, {_show(now)} asked" for k, (was, now) in diff.items())
+        raise shards.ShardError(f"{cfg.out} holds shards prepared with other data settings: {listed}. Rebuild "
+                                f"them with data.overwrite=true, or give another data.out")
+    return manifest
+
+
+def _show(value) -> str:
+    return "none" if value is None else str(value)
+
+
+def preflight(cfg: DataConfig) -> None:
+    """Everything about ``cfg`` that can fail without Ray: values, the source, RAFT weights, and an
+    output folder prepared with other settings."""
+    _check(cfg)
+    check_prepared(cfg)
+    if cfg.source != "synthetic" and not Path(cfg.source).expanduser().exists():
+        raise PrepareError(f"data.source={cfg.source} does not exist")
+    if cfg.source_kind == "auto":
+        try:
+            detect_kind(cfg.source)
+        except (FileNotFoundError, ValueError) as err:
+            raise PrepareError(f"data.source={cfg.source}: {err}") from None
+    if cfg.flow == "raft" and cfg.source != "synthetic":
+        if not cfg.raft_weights:
+            raise ConfigError("data.raft_weights is required with data.flow=raft: the official RAFT-small "
+                              "checkpoint raft-small.pth (github.com/princeton-vl/RAFT)")
+        if not Path(cfg.raft_weights).is_file():
+            raise PrepareError(f"data.raft_weights={cfg.raft_weights} does not exist")
+
+
 def _ray_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
+def prepare(cfg: DataConfig, progress: bool = True, start_ray: Callable[[], None] | None = None) -> PrepareSummary:
     """Prepare ``cfg.source`` into clip shards under ``cfg.out``; see the module docstring.
 
-    Ray should already be initialised by the caller (a local ``ray.init()`` is made otherwise).
+    ``start_ray`` starts Ray once there is work for it (default: a plain ``ray.init()`` unless Ray is
+    up), so a source whose every input is rejected while listing fails before Ray starts.
     Raises :class:`PrepareError` when every input is rejected.
     """
     import ray.data
 
-    _check(cfg)
+    preflight(cfg)
     t_start = time.perf_counter()
     try:
         source = make_source(cfg)
@@ -253,6 +455,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
     except (FileNotFoundError, ValueError) as err:
         raise PrepareError(f"data.source={cfg.source}: {err}") from None
     kind = source.kind
+    listing, val_origin = with_val_split(cfg, kind, listing)
     tasks, rejects = plan(listing.sequences, cfg)
     rejects = listing.rejects + rejects
     out = Path(cfg.out)
@@ -266,6 +469,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
 
     results = []
     if todo:
+        (start_ray or _init_ray)()
         ray.data.DataContext.get_current().enable_progress_bars = progress
         ds = ray.data.from_items([{"task": t.to_json()} for t in todo], override_num_blocks=len(todo))
         workers = min(cfg.flow_actors or _ray_cpus(), len(todo))
@@ -289,14 +493,17 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
             seconds[stage] += float(r[f"{stage}_s"])
     done = [t for t in tasks if t.to_json() not in failed]
     if not done:
-        listed = "\n".join(f"  {r.path}" + (f" (frame {r.frame})" if r.frame is not None else "")
-                           + f": {r.reason}" for r in rejects[:20]) or "  (no inputs found)"
-        raise PrepareError(f"nothing prepared from {cfg.source}: every input was rejected:\n{listed}")
+        listed = "; ".join(f"{r.path}" + (f" (frame {r.frame})" if r.frame is not None else "")
+                           + f": {r.reason}" for r in rejects[:5]) or "no inputs found"
+        more = f" (and {len(rejects) - 5} more)" if len(rejects) > 5 else ""
+        raise PrepareError(f"nothing prepared from {cfg.source}: every input was rejected: {listed}{more}")
 
     run_splits = {t.spec.split for t in tasks}
     if cfg.overwrite:
         _remove_stale(out, run_splits, {t.path for t in done})
     manifest = _manifest(cfg, kind, source, settings, done, rejects)
+    if val_origin and VAL in manifest["splits"]:
+        manifest["splits"][VAL]["origin"] = val_origin
     _carry_over(manifest, out, run_splits)
     shards.write_manifest(out, manifest)
     written: dict[str, int] = {}
@@ -308,7 +515,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PrepareSummary:
     return PrepareSummary(out=str(out), clips={k: v["clips"] for k, v in manifest["splits"].items()},
                           written=written, skipped_shards=len(tasks) - len(todo),
                           frames=int(sum(int(r["frames"]) for r in results)), rejected=rejects,
-                          seconds=seconds)
+                          seconds=seconds, val_origin=manifest["splits"].get(VAL, {}).get("origin"))
 
 
 def _remove_stale(out: Path, splits: set[str], keep: set[str]) -> None:
@@ -329,6 +536,12 @@ def _carry_over(manifest: dict, out: Path, run_splits: set[str]) -> None:
     if old.get("settings") != manifest["settings"]:
         return
     kept = [s for s in old["shards"] if s["split"] not in run_splits and (out / s["path"]).is_file()]
+    # A sequence this run put in a split must not stay in another one (a val sequence trained on now)
+    current = {s["sequence"] for s in manifest["shards"]}
+    leaking = {s["split"] for s in kept if s["sequence"] in current}
+    for split in sorted(leaking):
+        log.warning("%s: dropping the earlier %r split: some of its sequences are in this run's splits", out, split)
+    kept = [s for s in kept if s["split"] not in leaking]
     kept_splits = {s["split"] for s in kept}
     manifest["shards"] += kept
     manifest["splits"].update({k: v for k, v in old["splits"].items() if k in kept_splits})
@@ -364,4 +577,5 @@ def _manifest(cfg, kind, source, settings, done, rejects) -> dict:
                     "first_clip": t.first_clip} for t in done],
         "rejected": [r.to_dict() for r in rejects],
         "settings": settings,
+        "data": data_settings(cfg),  # what check_prepared compares a later run's config with
     }

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vid2vid.errors import WeightsError
+
 HIDDEN_DIM, CONTEXT_DIM = 96, 64
 CORR_LEVELS, CORR_RADIUS = 4, 3
 NUM_PARAMETERS = 990_162
@@ -208,22 +210,22 @@ def load_raft_small(path, device="cpu") -> RAFTSmall:
         # map_location: the official file was saved from CUDA tensors.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code/objects; say which file and why
-        raise ValueError(f"{path}: not a plain tensor state dict loadable with weights_only=True: {e}") from e
+        raise WeightsError(f"{path}: not a plain tensor state dict loadable with weights_only=True: {e}") from e
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (dict of tensors), got {type(state).__name__}")
+        raise WeightsError(f"{path}: expected a state dict (dict of tensors), got {type(state).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = RAFTSmall()
     expected = model.state_dict()
     for key, value in state.items():
         if key not in expected:
-            raise ValueError(f"{path}: unexpected key {key!r} (not in RAFT-small)")
+            raise WeightsError(f"{path}: unexpected key {key!r} (not in RAFT-small)")
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor")
+            raise WeightsError(f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor")
         if value.shape != expected[key].shape:
-            raise ValueError(f"{path}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, "
-                             f"RAFT-small expects {tuple(expected[key].shape)}")
+            raise WeightsError(f"{path}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, "
+                               f"RAFT-small expects {tuple(expected[key].shape)}")
     missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+        raise WeightsError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from vid2vid.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -55,7 +58,7 @@ TENSOR_COLUMNS = {
 FRAME_COLUMNS = ("frames", "flow", "confidence")
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard folder or file is missing or inconsistent; the message names it."""
 
 
@@ -219,9 +222,13 @@ def training_dataset(out: str | Path, split: str = "train", shuffle_seed: int | 
         raise ShardError(f"{out}: split {split!r} has no clips")
     if columns is None:
         columns = [c for c in pq.read_schema(refs[0]["path"]).names if c != "sequence"]
+    if shuffle and shuffle_seed is not None:
+        # A fixed order is shuffled here, on the driver: the references are tiny, and Ray Data's
+        # all-to-all random_shuffle costs seconds of task start-up before the first batch.
+        random.Random(shuffle_seed).shuffle(refs)
     ds = ray.data.from_items(refs)
-    if shuffle:
-        ds = ds.random_shuffle(seed=shuffle_seed)
+    if shuffle and shuffle_seed is None:
+        ds = ds.random_shuffle()  # a new order on every execution (every epoch)
     ds = ds.map_batches(_read_rows, batch_size=1, batch_format="numpy", fn_kwargs={"columns": columns})
     if shuffle_seed is not None or not shuffle:
         # a fixed order must survive parallel reads, which otherwise finish (and yield) in any order

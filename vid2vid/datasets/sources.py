@@ -446,6 +446,10 @@ class SyntheticScenes(Source):
             seed = int(np.random.SeedSequence([self.cfg.seed, i]).generate_state(1)[0])
             seqs.append(SequenceSpec(split=split, name=f"synthetic_{self.cfg.seed}_{i:04d}",
                                      num_frames=self.cfg.synthetic_frames, seed=seed))
+        for i in range(self.cfg.synthetic_val_sequences):  # unseen scenes from their own seed stream
+            seed = int(np.random.SeedSequence([self.cfg.seed, i, 1]).generate_state(1)[0])
+            seqs.append(SequenceSpec(split="val", name=f"synthetic_{self.cfg.seed}_val_{i:04d}",
+                                     num_frames=self.cfg.synthetic_frames, seed=seed))
         return Listing(seqs, [])
 
     def read(self, spec: SequenceSpec, start: int, stop: int) -> FrameBlock:

@@ -1,26 +1,34 @@
-"""The evaluation service: checkpoint -> validation clips -> video features -> metrics -> the training run.
+"""The evaluation service: checkpoint -> validation clips -> features -> metrics -> the training run.
 
 :func:`evaluate_checkpoint` runs one Ray Data pipeline, streaming, memory-bounded:
 
-    segments (metadata) -> GenerateClips actors (load the checkpoint once, generate, warping error)
-                        -> ExtractFeatures("i3d") actors -> ExtractFeatures("resnext101") actors -> driver
+    segments (metadata) -> EvaluateClips actors (load the checkpoint and every feature net once;
+                           generate, features, warping error, tOF; only numbers leave) -> driver
 
-Each stage is an actor pool (``ActorPoolStrategy``), with one GPU per actor when the cluster has a
-GPU for every pool (shares of one otherwise, see :func:`_resources`), so both nets and the generator
-run at the same time on different clips. The driver only folds
-features into :class:`StreamingStats`. Metrics (protocol in ``extract.py``):
+The actors are data parallel (``worker.py``): one per GPU, or one per CPU on a CPU box. The driver
+keeps the generated clips' features (a few MB) and folds the real ones into streaming statistics.
+Metrics (protocols in ``preprocess.py`` and ``extract.py``, and the README's metric table):
 
-- ``eval/fid_i3d``, ``eval/fvd``, ``eval/fid_resnext``: Fréchet distances against real-clip
-  statistics cached per (dataset, split + clip selection, resolution + input size, net, weights sha256)
-  under ``eval.stats_cache_dir`` (default ``<run_dir>/eval_stats``): the real clips pass through the
-  nets once, on the first evaluation, then never again;
-- ``eval/warping_error``: generated frames under the ground-truth flow (``temporal.warping_error``),
-  and ``eval/warping_error_real``, the same on the real frames: the floor that occlusions and
-  flow errors leave, to read the first against.
+- ``eval/fid_i3d``, ``eval/fvd``, ``eval/fvd_styleganv``, ``eval/fid_resnext``: Fréchet distances to
+  real-clip statistics cached per (dataset, split + clip selection, resolution + input, metric,
+  weights sha256) under ``eval.stats_cache_dir`` (default ``<run_dir>/eval_stats``): the real clips
+  pass through the nets on the first evaluation only. Each is logged with ``<name>/clips`` (the
+  generated clips behind it) and ``<name>/ci95_low`` / ``<name>/ci95_high``, a basic-bootstrap 95%
+  interval over those clips (``frechet.py``; ``eval.bootstrap`` resamples, features computed once).
+  Fewer clips than feature dimensions logs a warning and the tag ``eval/small_n/<name>``.
+- ``eval/warping_error`` (generated frames under the ground-truth flow) beside
+  ``eval/warping_error_real`` (the same on the real frames: the floor occlusions and flow errors
+  leave), and ``eval/tof`` (TecoGAN's tOF: the generated motion against the real one, ``temporal.py``).
+- Multimodal models: the above with per-object styles sampled from the checkpoint's ``styles.npz``
+  (fitted on ``eval.style_fit_clips`` training clips when missing); with ``eval.styles=real|both``
+  also (or only) the reconstruction from E's features of the real frames, as ``<name>_recon``.
 
-Weights policy: a net without a weights file is skipped, and the log and a run tag say which file to
-supply. Random test weights need ``eval.allow_random_weights=true``; their metrics are logged as
-``random_weights/eval/...`` and the run is tagged ``eval/random_weights``.
+Split: ``val`` (``eval.split``); training clips only with ``eval.split=train``, tagged
+``eval/on_training_clips``. Weights: each net's setting is a path, ``auto`` (downloaded once and
+checked, ``vid2vid/weights.py``) or ``URL#sha256=``; a net without weights (or whose download failed)
+is skipped and the log and a run tag say why. Random test weights need
+``eval.allow_random_weights=true``; their metrics are logged as ``random_weights/eval/...`` and the
+run is tagged ``eval/random_weights``.
 
 Metrics land in THE TRAINING RUN, at the checkpoint's training step: the run id comes from the
 argument, else from ``mlflow_run_id.txt`` that the trainer writes beside the checkpoints.
@@ -30,8 +38,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
+import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,37 +51,36 @@ import numpy as np
 from vid2vid.config import EvalConfig
 from vid2vid.datasets.shards import MANIFEST as SHARDS_MANIFEST
 from vid2vid.datasets.shards import check_model_fits, load_manifest
-from vid2vid.eval.clips import ClipPlan, GenerateClips, encode_segment, plan_clips
-from vid2vid.eval.extract import FVD_MIN_SIZE, ExtractFeatures, feature_columns
+from vid2vid.eval.clips import ClipPlan, encode_segment, plan_clips
+from vid2vid.eval.extract import FVD_MIN_SIZE, METRICS, NET_SETTINGS, FeatureMetric, metrics_for
 from vid2vid.eval.feature_nets import SPECS, is_random_weights_file, metric_name, missing_weights_message
 from vid2vid.eval.frechet import (
+    FrechetEstimate,
     StreamingStats,
-    frechet_distance,
+    frechet_with_interval,
     load_or_compute_real_stats,
-    sha256_file,
     stats_cache_key,
 )
-from vid2vid.eval.preprocess import SIZES
+from vid2vid.eval.preprocess import SIZES, protocol
+from vid2vid.eval.worker import FAKE, REAL, RECON, EvaluateClips, TofFlow, WeightsRef, WorkerSpec
 from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from vid2vid.platform.checkpoint import read_manifest
 from vid2vid.platform.tracking import RUN_ID_FILE, Tracker, read_run_id, resolve_tracking_uri
 from vid2vid.platform.warm_start import load_config
+from vid2vid.weights import parse_source, resolve, sha256_file
 
 log = logging.getLogger("vid2vid.eval")
 
-METRICS = {"i3d": "eval/fid_i3d", "i3d_logits": "eval/fvd", "resnext101": "eval/fid_resnext"}
-NETS = {"i3d": "i3d_weights", "resnext101": "resnext_weights"}  # net -> EvalConfig field
-PROTOCOL = ("FID-I3D: I3D Mixed_5c pooled 1024-d; FVD: I3D time-averaged Kinetics logits 400-d; both 16 "
-            "frames at 224x224. FID-ResNeXt: ResNeXt-101 32x4d layer4 pooled 2048-d, 16 frames at 112x112.")
+SUFFIX = {FAKE: "", RECON: "_recon"}  # metric-name suffix of each generated kind
 
 
 @dataclass
 class EvalResult:
     step: int
-    split: str  # "val", or "train" when the shards have no val split
+    split: str  # "val", or "train" when eval.split=train asked for training clips
     num_clips: int
     clip_frames: int
-    metrics: dict[str, float]  # MLflow names, e.g. "eval/fid_i3d" or "random_weights/eval/fid_i3d"
+    metrics: dict[str, float]  # MLflow names, e.g. "eval/fid_i3d", "eval/fid_i3d/ci95_low", "random_weights/..."
     skipped: dict[str, str]  # metric -> why it was not computed (e.g. which weights file to supply)
     random_weights: list[str]  # nets that ran on random test weights
     run_id: str | None
@@ -78,7 +88,8 @@ class EvalResult:
     real_clips_extracted: int  # real clips that went through the nets (0: all statistics cached)
     seconds: float
     tags: dict[str, str] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: setup, pipeline, frechet, mlflow
+    timings: dict[str, float] = field(default_factory=dict)  # s: setup, pipeline (incl. actor_startup), frechet, mlflow
+    estimates: dict[str, FrechetEstimate] = field(default_factory=dict)  # metric name -> value, clips, interval
 
 
 @dataclass(frozen=True)
@@ -90,10 +101,12 @@ class RunTarget:
 
 @dataclass(frozen=True)
 class NetSpec:
-    path: str
-    sha256: str
+    ref: WeightsRef
     random: bool
-    size: int  # input size (the protocol's unless a test overrides it)
+
+    @property
+    def sha256(self) -> str:
+        return self.ref.sha256
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,32 +158,40 @@ def _weights_sha(path: Path) -> str:
 
 def select_nets(eval_cfg: EvalConfig, input_sizes: dict[str, int] | None = None
                 ) -> tuple[dict[str, NetSpec], dict[str, str]]:
-    """(nets that will run, metric -> reason for each metric that will not)."""
+    """(nets that will run, metric -> reason for each metric that will not). ``auto`` and URL
+    settings are downloaded here, on the driver, once (the actors then find the file)."""
     sizes = {**SIZES, **(input_sizes or {})}
     unknown = sorted(set(sizes) - set(SIZES))
     if unknown:
-        raise ValueError(f"input_sizes: unknown nets {unknown}; valid: {sorted(SIZES)}")
+        raise ValueError(f"input_sizes: unknown inputs {unknown}; valid: {sorted(SIZES)}")
     if sizes != SIZES and not eval_cfg.allow_random_weights:
         raise ValueError(f"input_sizes {input_sizes} differ from the protocol {SIZES}: a test-only switch, "
                          f"allowed only with eval.allow_random_weights=true")
     nets, skipped = {}, {}
-    for net, key in NETS.items():
-        path = getattr(eval_cfg, key)
-        columns = feature_columns(net, SIZES[net])
-        if path is None or not Path(path).is_file():
-            msg = missing_weights_message(net) + ("" if path is None else f" No file at {path}.")
-            log.warning(msg)
-            skipped.update({METRICS[c]: msg for c in columns})
+    for net, key in NET_SETTINGS.items():
+        value = getattr(eval_cfg, key)
+        names = [m.name for m in METRICS.values() if m.net == net]
+        try:  # a refused checksum (ValueError) stops the evaluation: the bytes are not the published ones
+            path = resolve(value, net, f"eval.{key}")
+        except OSError as err:  # no network, a dead mirror: the metric is skipped, and the log and a tag say why
+            path, why = None, str(err)
+        else:
+            why = None if path is not None and path.is_file() else (
+                missing_weights_message(net) + ("" if value is None else f" No file at {path}."))
+        if why:
+            log.warning(why)
+            skipped.update({f"eval/{n}": why for n in names})
             continue
         random = is_random_weights_file(path)
         if random and not eval_cfg.allow_random_weights:
-            raise ValueError(f"{path}: random test weights (marker {Path(path).name}.random-weights beside it); "
+            raise ValueError(f"{path}: random test weights (marker {path.name}.random-weights beside it); "
                              f"metrics from them are not FID. Supply the real {SPECS[net].public_file}, or set "
                              f"eval.allow_random_weights=true in a test")
-        nets[net] = NetSpec(str(path), _weights_sha(Path(path)), random, int(sizes[net]))
-        if "i3d_logits" not in feature_columns(net, sizes[net]) and net == "i3d":
-            skipped[METRICS["i3d_logits"]] = (f"FVD needs I3D inputs of at least {FVD_MIN_SIZE}px (the public "
-                                              f"logits window); this evaluation uses {sizes[net]}px")
+        source = parse_source(str(value), net, f"eval.{key}")
+        nets[net] = NetSpec(WeightsRef(str(path.resolve()), _weights_sha(path), source), random)
+    if "i3d" in nets and sizes["fvd"] < FVD_MIN_SIZE:
+        skipped["eval/fvd"] = (f"FVD needs I3D inputs of at least {FVD_MIN_SIZE}px (the public logits window); "
+                               f"this evaluation uses {sizes['fvd']}px")
     return nets, skipped
 
 
@@ -180,36 +201,47 @@ def select_nets(eval_cfg: EvalConfig, input_sizes: dict[str, int] | None = None
 
 @dataclass
 class _Totals:
-    stats: dict[tuple[str, str], StreamingStats] = field(default_factory=dict)
-    warp_fake: float = 0.0
-    warp_real: float = 0.0
-    warp_mass: float = 0.0
+    """What the driver folds from the actors' rows."""
+
+    real: dict[str, StreamingStats] = field(default_factory=dict)
+    fake: dict[tuple[str, str], dict[int, np.ndarray]] = field(default_factory=lambda: defaultdict(dict))
+    sums: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     real_clips: int = 0
+    actor_startup: float = 0.0  # the slowest actor's loading time (they start side by side)
 
-    def add(self, batch: dict[str, np.ndarray], nets: dict[str, NetSpec]) -> None:
+    def add(self, batch: dict[str, np.ndarray], metrics: list[str]) -> None:
         kinds = np.asarray(batch["kind"]).astype(str)
-        mass = np.asarray(batch["warp_mass"], np.float64)
-        self.warp_fake += float((np.asarray(batch["warp_fake"]) * mass).sum())
-        self.warp_real += float((np.asarray(batch["warp_real"]) * mass).sum())
-        self.warp_mass += float(mass.sum())
-        if nets:
-            self.real_clips += int((kinds == "real").sum())
-        for net, spec in nets.items():
-            valid = np.asarray(batch[f"{net}_valid"], bool)
-            for column in feature_columns(net, spec.size):
-                for kind in ("real", "fake"):
-                    rows = valid & (kinds == kind)
-                    if rows.any():
-                        self.stats.setdefault((column, kind), StreamingStats()).update(batch[column][rows])
+        index = np.asarray(batch["index"]).astype(int)
+        self.real_clips += int((kinds == REAL).sum())
+        self.actor_startup = max(self.actor_startup, float(np.max(batch["startup_s"], initial=0.0)))
+        for m in metrics:
+            valid = np.asarray(batch[f"{m}_valid"], bool)
+            rows = valid & (kinds == REAL)
+            if rows.any():
+                self.real.setdefault(m, StreamingStats()).update(batch[m][rows])
+            for row in np.flatnonzero(valid & (kinds != REAL)):
+                self.fake[(m, kinds[row])][int(index[row])] = np.asarray(batch[m][row], np.float64)
+        for kind in set(kinds) - {REAL}:
+            rows = kinds == kind
+            mass = np.asarray(batch["warp_mass"], np.float64)[rows]
+            for key in ("warp", "warp_real"):
+                self.sums[(key, kind)] += float((np.asarray(batch[key])[rows] * mass).sum())
+            self.sums[("warp_mass", kind)] += float(mass.sum())
+            for key in ("tof", "tof_pairs"):
+                self.sums[(key, kind)] += float(np.asarray(batch[key], np.float64)[rows].sum())
+
+    def features(self, metric: str, kind: str) -> np.ndarray:
+        """(N, D) generated features in clip order (the bootstrap's seed then means the same resamples)."""
+        by_index = self.fake[(metric, kind)]
+        return np.stack([by_index[i] for i in sorted(by_index)])
 
 
-def _resources(pools: int, actors: int | None, cpus_per_actor: float | None) -> tuple[int, float, float]:
-    """(actors per pool, CPUs per actor, GPUs per actor) for ``pools`` pools running at once.
+def _pool(actors: int | None, cpus_per_actor: float | None) -> tuple[int, int, float, float]:
+    """(min actors, max actors, CPUs per actor, GPUs per actor) of the evaluation pool.
 
-    With G >= pools GPUs: G // pools actors per pool, one GPU each. With fewer GPUs (one GPU, three
-    pools) the actors share them (1/3 GPU each): one whole GPU per actor would leave two pools
-    waiting for ever. CPU-only: one actor per pool, sharing the cluster's CPUs when there are fewer
-    than the pools (2 CPUs, 3 pools: 2/3 CPU each), for the same reason.
+    GPUs: one actor per GPU (max). CPU-only: one actor per ``cpus_per_actor`` (default 1) of the
+    cluster's CPUs, each running torch with that many threads. The pool starts with what is free
+    (``min`` 1 unless ``actors`` fixes the size): beside training some CPUs or GPUs stay taken.
     """
     import ray
 
@@ -217,32 +249,33 @@ def _resources(pools: int, actors: int | None, cpus_per_actor: float | None) -> 
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     total = ray.cluster_resources()
     gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 1))
-    if actors is None:
-        actors = max(1, int(gpus) // pools)
-    gpu_each = min(1.0, gpus / (pools * actors)) if gpus > 0 else 0.0
-    cpu_each = cpus_per_actor if cpus_per_actor is not None else min(1.0, cpus / (pools * actors))
-    return actors, cpu_each, gpu_each
+    cpu_each = cpus_per_actor if cpus_per_actor is not None else 1.0
+    if gpus >= 1:
+        most = actors or int(gpus)
+        return (most if actors else 1), most, cpu_each, min(1.0, gpus / most)
+    most = actors or max(1, int(cpus // max(cpu_each, 1e-9)))
+    return (most if actors else 1), most, cpu_each, 0.0
 
 
-def _run_pipeline(checkpoint_dir: Path, plan: ClipPlan, nets: dict[str, NetSpec], need_real: dict[str, bool],
-                  batch_size: int, actors: int | None, cpus_per_actor: float | None) -> _Totals:
+def _run_pipeline(plan: ClipPlan, spec: WorkerSpec, batch_size: int, actors: int | None,
+                  cpus_per_actor: float | None) -> _Totals:
     import ray.data
 
-    n_actors, cpus, gpus = _resources(1 + len(nets), actors, cpus_per_actor)
-    pool = {"compute": ray.data.ActorPoolStrategy(size=n_actors), "num_cpus": cpus, "num_gpus": gpus,
-            "batch_size": batch_size, "batch_format": "numpy"}
+    low, high, cpus, gpus = _pool(actors, cpus_per_actor)
+    spec.threads = max(1, int(cpus))
     items = [{"index": i, "segment": encode_segment(s)} for i, s in enumerate(plan.segments)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(GenerateClips, fn_constructor_kwargs={
-        "checkpoint_dir": str(checkpoint_dir), "emit_real": any(need_real.values()), "emit_frames": bool(nets)},
-        **pool)
-    for i, (net, spec) in enumerate(nets.items()):
-        ds = ds.map_batches(ExtractFeatures, fn_constructor_kwargs={
-            "net": net, "weights_path": spec.path, "size": spec.size, "skip_real": not need_real[net],
-            "drop_frames": i == len(nets) - 1, "expect_random": spec.random}, **pool)
+    with warnings.catch_warnings():
+        # max_restarts=0 as in datasets/prepare.py: a crashed actor fails the evaluation (logged; the
+        # next checkpoint is still evaluated) instead of Ray's error-level notice about restartable
+        # actors whose constructor arguments live in the object store.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(EvaluateClips, fn_constructor_kwargs={"spec": spec},
+                            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high), num_cpus=cpus,
+                            num_gpus=gpus, batch_size=batch_size, batch_format="numpy", max_restarts=0)
     totals = _Totals()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        totals.add(batch, nets)
+        totals.add(batch, spec.metrics)
     return totals
 
 
@@ -256,23 +289,120 @@ def _dataset_id(shards: Path) -> str:
     return f"{shards.resolve().name}-{digest}"
 
 
-def _cache_keys(shards: Path, manifest: dict, plan: ClipPlan, nets: dict[str, NetSpec]) -> dict[tuple[str, str], str]:
-    """(net, feature column) -> real-statistics cache key. The clip selection is part of the split
-    field and the net's input size part of the resolution field: either changes the real features."""
+def _cache_keys(shards: Path, manifest: dict, plan: ClipPlan, metrics: list[FeatureMetric], nets: dict[str, NetSpec],
+                sizes: dict[str, int], fid_frame: str) -> dict[str, str]:
+    """metric -> real-statistics cache key. The clip selection is part of the split field, the input
+    (protocol, size, crop) part of the resolution field: each changes the real features."""
     resolution = "x".join(str(v) for v in manifest["resolution"])
     selection = f"{plan.split}-{len(plan.segments)}clips-{plan.frames}f"
-    return {(net, c): stats_cache_key(_dataset_id(shards), selection, f"{resolution}-in{spec.size}", c, spec.sha256)
-            for net, spec in nets.items() for c in feature_columns(net, spec.size)}
+    keys = {}
+    for m in metrics:
+        p = protocol(m.view, fid_frame)
+        field_ = f"{resolution}-{m.view}{sizes[m.view]}-{p.frame}"
+        keys[m.name] = stats_cache_key(_dataset_id(shards), selection, field_, m.name, nets[m.net].sha256)
+    return keys
 
 
-def _tags(plan: ClipPlan, step: int, skipped: dict[str, str], random: list[str]) -> dict[str, str]:
+def _kinds(model_cfg, ev: EvalConfig) -> list[str]:
+    if not model_cfg.use_features:
+        return [FAKE]
+    return {"sampled": [FAKE], "real": [RECON], "both": [FAKE, RECON]}[ev.styles]
+
+
+def _styles(checkpoint_dir: Path, shards: Path, ev: EvalConfig, kinds: list[str], model_cfg) -> str | None:
+    """The per-class mixtures a multimodal model is evaluated with: the checkpoint's ``styles.npz``,
+    fitted on the training split (``eval.style_fit_clips`` clips) when it is not there yet."""
+    if FAKE not in kinds or not model_cfg.use_features:
+        return None
+    from vid2vid.generate.styles import STYLES_FILE, fit_styles
+
+    path = checkpoint_dir / STYLES_FILE
+    if not path.is_file():
+        log.info("%s: no %s; fitting per-class style mixtures on %d training clips (vid2vid fit-styles)",
+                 checkpoint_dir, STYLES_FILE, ev.style_fit_clips)
+        fit_styles(checkpoint_dir, shards, split="train", max_clips=ev.style_fit_clips, out=path)
+    return str(path)
+
+
+def _tof_flow(manifest: dict) -> TofFlow:
+    """tOF with the estimator the shards' flows came from (their flows reused for the real clips); for
+    synthetic shards (exact flow) or RAFT without its weights here: DIS on both real and generated."""
+    flow = manifest.get("flow", {})
+    method, weights = flow.get("estimator"), flow.get("weights")
+    if method == "raft" and weights and Path(weights).is_file():
+        return TofFlow("raft", weights, True)
+    return TofFlow("dis", None, method == "dis")
+
+
+def _tags(plan: ClipPlan, manifest: dict, step: int, skipped: dict[str, str], random: list[str],
+          small: dict[str, str], multimodal: bool, tof: TofFlow, ev: EvalConfig) -> dict[str, str]:
+    origin = manifest["splits"].get(plan.split, {}).get("origin", "")
     tags = {"eval/split": plan.split, "eval/clips": f"{len(plan.segments)} x {plan.frames} frames",
-            "eval/last_step": str(step), "eval/protocol": PROTOCOL,
-            **{f"eval/skipped/{m.split('/')[-1]}": why for m, why in skipped.items()}}
+            "eval/last_step": str(step), "eval/protocol": protocol_tag(ev.fid_frame),
+            "eval/tof_flow": f"{tof.method}" + (" (real flows from the shards)" if tof.real_from_shards else ""),
+            **{f"eval/skipped/{m.split('/')[-1]}": why for m, why in skipped.items()},
+            **{f"eval/small_n/{m}": why for m, why in small.items()}}
+    if origin:
+        tags["eval/split_origin"] = origin
+    if plan.split == "train":
+        tags["eval/on_training_clips"] = ("eval.split=train: generated from TRAINING clips, which the model has "
+                                          "seen; not a validation number")
+    if multimodal:
+        tags["eval/styles"] = {"sampled": "styles sampled from the per-class mixtures (styles.npz)",
+                               "real": "E's features of the real frames (reconstruction, *_recon)",
+                               "both": "sampled styles, and E's features of the real frames as *_recon"}[ev.styles]
     if random:
         tags["eval/random_weights"] = (f"{', '.join(random)}: random TEST weights; the random_weights/* metrics "
                                        f"are not FID and not comparable to any published number")
     return tags
+
+
+def protocol_tag(fid_frame: str = "crop") -> str:
+    fid = "centre crop" if fid_frame == "crop" else "whole frame"
+    return (f"16-frame clips. FID-I3D: I3D Mixed_5c pooled 1024-d, 224^2 {fid}; FVD and FVD-StyleGAN-V: "
+            f"I3D logits 400-d, whole frame 224^2 TF bilinear, [-1,1]; FID-ResNeXt: layer4 pooled 2048-d, "
+            f"112^2 {fid}. 95% basic-bootstrap intervals over the generated clips.")
+
+
+def _frechet(totals: _Totals, metrics: list[FeatureMetric], kinds: list[str], keys: dict[str, str], cache_dir: Path,
+             nets: dict[str, NetSpec], ev: EvalConfig) -> tuple[dict[str, float], dict[str, FrechetEstimate],
+                                                               dict[str, str]]:
+    """Every Fréchet metric with its clip count and interval, plus the small-N warnings."""
+    values, estimates, small = {}, {}, {}
+    for m in metrics:
+        real = load_or_compute_real_stats(cache_dir, keys[m.name], lambda m=m: totals.real[m.name].finalize())
+        for kind in kinds:
+            est = frechet_with_interval(real, totals.features(m.name, kind), ev.bootstrap, seed=0, ddof=m.ddof)
+            name = metric_name(f"eval/{m.name}{SUFFIX[kind]}", nets[m.net].random)
+            estimates[name] = est
+            values.update({name: est.value, f"{name}/clips": float(est.clips)})
+            if est.low is not None:
+                values.update({f"{name}/ci95_low": est.low, f"{name}/ci95_high": est.high})
+            if est.fewer_clips_than_dims:
+                why = (f"{est.clips} clips < {est.dim} feature dimensions: the estimate is biased far upwards and "
+                       f"its bootstrap interval does not cover the true distance reliably (it does from N >= D "
+                       f"on, see the README); compare runs only at equal clip counts")
+                small[f"{m.name}{SUFFIX[kind]}"] = why
+                log.warning("%s: %s", name, why)
+    return values, estimates, small
+
+
+def _temporal(totals: _Totals, kinds: list[str], skipped: dict[str, str]) -> dict[str, float]:
+    out = {}
+    for kind in kinds:
+        suffix = SUFFIX[kind]
+        mass = totals.sums[("warp_mass", kind)]
+        if mass > 0:
+            out[f"eval/warping_error{suffix}"] = totals.sums[("warp", kind)] / mass
+            out["eval/warping_error_real"] = totals.sums[("warp_real", kind)] / mass
+        else:
+            skipped[f"eval/warping_error{suffix}"] = "the ground-truth flow confidence is zero on every evaluated frame"
+        pairs = totals.sums[("tof_pairs", kind)]
+        if pairs > 0:
+            out[f"eval/tof{suffix}"] = totals.sums[("tof", kind)] / pairs
+        else:
+            skipped[f"eval/tof{suffix}"] = "no frame pair with a real flow to compare with"
+    return out
 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, shards: str | Path, eval_cfg: EvalConfig | None = None, *,
@@ -283,9 +413,8 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, shards: str | Path, eval_cfg
     """Evaluate one checkpoint and log the metrics to its training run at its training step.
 
     ``eval_cfg`` defaults to the checkpoint's own ``eval`` section. ``input_sizes`` (test only, e.g.
-    ``{"resnext101": 64}``) shrinks a net's input below the protocol (see ``extract.py``).
-    ``actors`` is the actor count of each pool and ``cpus_per_actor`` what each actor reserves
-    (defaults: :func:`_resources`; the generator and each net are a pool, all running at once).
+    ``{"resnext101": 64}``) shrinks an input below the protocol (see ``extract.py``). ``actors`` fixes
+    the pool size and ``cpus_per_actor`` what each actor reserves (defaults: :func:`_pool`).
     """
     t0 = time.perf_counter()
     checkpoint_dir, shards = Path(checkpoint_dir), Path(shards)
@@ -298,44 +427,48 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, shards: str | Path, eval_cfg
     manifest = load_manifest(shards)
     check_model_fits(cfg.model, manifest, shards, advice="evaluate on shards prepared like the checkpoint's "
                                                           "training data")
+    plan = plan_clips(shards, ev.num_clips, ev.clip_len, ev.split)
     nets, skipped = select_nets(ev, input_sizes)
-    plan = plan_clips(shards, ev.num_clips, ev.clip_len)
-    log.info("evaluating %s (step %d): %d clips of %d frames from the %r split%s", checkpoint_dir, step,
-             len(plan.segments), plan.frames, plan.split, "" if plan.split == "val" else " (no val split)")
+    sizes = {**SIZES, **(input_sizes or {})}
+    metrics = metrics_for(set(nets), sizes)
+    kinds = _kinds(cfg.model, ev)
+    log.info("evaluating %s (step %d): %d clips of %d frames from the %r split", checkpoint_dir, step,
+             len(plan.segments), plan.frames, plan.split)
+    if plan.split == "train":
+        log.warning("eval.split=train: evaluating on TRAINING clips (tagged eval/on_training_clips)")
 
     cache_dir = Path(ev.stats_cache_dir) if ev.stats_cache_dir else target.run_dir / "eval_stats"
-    keys = _cache_keys(shards, manifest, plan, nets)
-    need_real = {net: any(not (cache_dir / f"{k}.npz").is_file() for (n, _), k in keys.items() if n == net)
-                 for net in nets}
-    if nets and len(plan.segments) < 2:
-        skipped.update({METRICS[c]: f"needs >= 2 clips for a covariance, the {plan.split} split gives "
-                                    f"{len(plan.segments)}" for (_, c) in keys})
-        nets, keys, need_real = {}, {}, {}
+    if metrics and len(plan.segments) < 2:
+        skipped.update({f"eval/{m.name}": f"needs >= 2 clips for a covariance, the {plan.split} split gives "
+                                          f"{len(plan.segments)}" for m in metrics})
+        metrics = []
+    keys = _cache_keys(shards, manifest, plan, metrics, nets, sizes, ev.fid_frame)
+    real_needed = [m for m, k in keys.items() if not (cache_dir / f"{k}.npz").is_file()]
+    tof = _tof_flow(manifest)
+    spec = WorkerSpec(str(checkpoint_dir), {n: s.ref for n, s in nets.items() if any(m.net == n for m in metrics)},
+                      [m.name for m in metrics], real_needed, sizes, ev.fid_frame, kinds,
+                      _styles(checkpoint_dir, shards, ev, kinds, cfg.model), ev.style_seed, tof,
+                      expect_random={n: s.random for n, s in nets.items()})
     timings = {"setup": time.perf_counter() - t0}
-    totals = _run_pipeline(checkpoint_dir, plan, nets, need_real, ev.batch_size, actors, cpus_per_actor)
+    totals = _run_pipeline(plan, spec, ev.batch_size, actors, cpus_per_actor)
     timings["pipeline"] = time.perf_counter() - t0 - sum(timings.values())
+    timings["actor_startup"] = totals.actor_startup  # part of "pipeline": loading the models in the actors
 
-    metrics: dict[str, float] = {}
-    for (net, column), key in keys.items():
-        real = load_or_compute_real_stats(cache_dir, key, lambda c=column: totals.stats[(c, "real")].finalize())
-        fake = totals.stats[(column, "fake")].finalize()
-        metrics[metric_name(METRICS[column], nets[net].random)] = frechet_distance(real, fake)
-    if totals.warp_mass > 0:
-        metrics["eval/warping_error"] = totals.warp_fake / totals.warp_mass
-        metrics["eval/warping_error_real"] = totals.warp_real / totals.warp_mass
-    else:
-        skipped["eval/warping_error"] = "the ground-truth flow confidence is zero on every evaluated frame"
-
-    timings["frechet"] = time.perf_counter() - t0 - sum(timings.values())
+    t_frechet = time.perf_counter()
+    values, estimates, small = _frechet(totals, metrics, kinds, keys, cache_dir, nets, ev)
+    values.update(_temporal(totals, kinds, skipped))
+    timings["frechet"] = time.perf_counter() - t_frechet
     random = sorted(n for n, s in nets.items() if s.random)
-    result = EvalResult(step, plan.split, len(plan.segments), plan.frames, metrics, skipped, random,
-                        target.run_id, target.tracking_uri, totals.real_clips, 0.0,
-                        _tags(plan, step, skipped, random), timings)
+    tags = _tags(plan, manifest, step, skipped, random, small, cfg.model.use_features, tof, ev)
+    result = EvalResult(step, plan.split, len(plan.segments), plan.frames, values, skipped, random,
+                        target.run_id, target.tracking_uri, totals.real_clips, 0.0, tags, timings, estimates)
+    t_mlflow = time.perf_counter()
     if log_to_mlflow:
         result.run_id = log_to_run(result, target, cfg, checkpoint_dir)
-    timings["mlflow"] = time.perf_counter() - t0 - sum(timings.values())
+    timings["mlflow"] = time.perf_counter() - t_mlflow
     result.seconds = time.perf_counter() - t0
-    log.info("evaluation of step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    log.info("evaluation of step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())
+                                                          if "/ci95" not in k and not k.endswith("/clips")))
     return result
 
 
@@ -349,8 +482,9 @@ def log_to_run(result: EvalResult, target: RunTarget, cfg, checkpoint_dir: Path)
     tracker = RunTracker(target.tracking_uri, cfg.train.experiment, run_id=target.run_id,
                          run_name=None if target.run_id else f"eval-{checkpoint_dir.name}",
                          run_dir=target.run_dir / "eval")
+    tracker.clear_stale_tags(tags)
     tracker.set_tags(tags)
-    tracker.log_metrics(result.metrics, step=result.step)
+    tracker.log_metrics(tracker.not_yet_logged(result.metrics, result.step), step=result.step)
     if target.run_id is None:
         tracker.end()
     return tracker.run_id
@@ -373,3 +507,34 @@ class RunTracker(Tracker):
         self.client.get_run(self.run_id)
         if tags:
             self._push({"kind": "tags", "values": tags})
+
+    # Re-evaluating a checkpoint: its step keeps one point per metric and no outdated tag.
+    STALE_TAGS = ("eval/skipped/", "eval/random_weights")
+
+    def clear_stale_tags(self, tags: dict[str, str]) -> None:
+        """Delete ``eval/skipped/*`` (and ``eval/random_weights``) tags of an earlier evaluation that this
+        one does not set again (e.g. an FID computed now that its weights are given)."""
+        if self.run_id is None or self.offline:
+            return
+
+        def clear():
+            for key in self.client.get_run(self.run_id).data.tags:
+                if key.startswith(self.STALE_TAGS) and key not in tags:
+                    self.client.delete_tag(self.run_id, key)
+        self._call("clear stale tags", clear)
+
+    def not_yet_logged(self, metrics: dict[str, float], step: int) -> dict[str, float]:
+        """``metrics`` without those the run already holds at ``step`` with the same value, so evaluating a
+        checkpoint again adds no second point. (MLflow cannot delete a point: a value that changed is
+        added, and it is the one MLflow then shows as the run's.)"""
+        if self.run_id is None or self.offline:
+            return metrics
+        out = dict(metrics)
+
+        def drop_logged():
+            for key, value in metrics.items():
+                if any(m.step == step and math.isclose(m.value, value, rel_tol=1e-9, abs_tol=1e-12)
+                       for m in self.client.get_metric_history(self.run_id, key)):
+                    out.pop(key)
+        self._call("read metric history", drop_logged)
+        return out

@@ -1,4 +1,4 @@
-"""Temporal consistency of generated video: warping error under the ground-truth flow.
+"""Temporal consistency of generated video: warping error under the ground-truth flow, and tOF.
 
 A temporally consistent video moves the way the real one does, so frame t should equal frame t-1
 warped by the real flow wherever that flow is reliable. The metric is the mean absolute difference
@@ -11,10 +11,19 @@ number comparable between clips whose flows are reliable on different fractions 
 
 Flow convention (as in the shards and the training losses): ``flows[:, t]`` maps frame t to frame t-1,
 so ``warp(x[:, t-1], flows[:, t]) ~ x[:, t]``; ``flows[:, 0]`` is unused.
+
+tOF (Chu et al., TecoGAN, 2020): how differently the generated video moves from the real one,
+
+    tOF = mean_{t >= 1} mean_p | flow(fake_t -> fake_{t-1})(p) - flow(real_t -> real_{t-1})(p) |_2
+
+with the project's flow estimator (OpenCV DIS by default, RAFT-small for shards prepared with it;
+TecoGAN used Farneback) at the shards' resolution, in pixels; 0 = the same motion. The real flows
+are the shards' own (computed once at prepare) when they were estimated with that estimator.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -56,3 +65,29 @@ def warping_error(frames: Tensor, flows: Tensor, confidence: Tensor | None = Non
     if float(mass) <= 0:
         raise ValueError("warping_error: the confidence is zero on every pixel of frames 1..T-1")
     return float(total / mass)
+
+
+def backward_flows(frames: np.ndarray, estimator) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, H, W, 2) float32 with ``flow[t] = estimator(frames[t], frames[t-1])``
+    (the shards' convention); ``flow[0] = 0``."""
+    flows = np.zeros(frames.shape[:3] + (2,), np.float32)
+    for t in range(1, len(frames)):
+        flows[t] = estimator(frames[t], frames[t - 1])
+    return flows
+
+
+def tof_terms(fake: np.ndarray, real_flows: np.ndarray, valid: np.ndarray, estimator) -> tuple[float, int]:
+    """(sum over frame pairs, number of pairs) of tOF for one clip (module docstring): ``fake``
+    (T, H, W, 3) uint8, ``real_flows`` (T, H, W, 2) backward flows of the real clip, ``valid`` (T,)
+    bool: frame pairs whose real flow exists (frame 0 never)."""
+    if fake.shape[:3] != real_flows.shape[:3] or len(valid) != len(fake):
+        raise ValueError(f"tof_terms: frames {fake.shape}, real flows {real_flows.shape} and valid {len(valid)} "
+                         f"disagree")
+    total, pairs = 0.0, 0
+    for t in np.flatnonzero(valid):
+        if t == 0:
+            continue
+        flow = estimator(fake[t], fake[t - 1])
+        total += float(np.linalg.norm(flow - real_flows[t].astype(np.float32), axis=-1).mean())
+        pairs += 1
+    return total, pairs

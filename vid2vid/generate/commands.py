@@ -1,27 +1,25 @@
 """The console commands of this subpackage (``vid2vid generate | fit-styles | predict | predict-train``).
 
 Each parses its ``key=value`` arguments into its dataclass, runs, prints one summary line and returns
-the exit status; input problems (a bad file, a model that cannot take the input) print the message
-that names the file and return 1. Config errors propagate to :func:`vid2vid.cli.main` (status 2).
+the exit status; input problems (a bad file, a model that cannot take the input) become a
+:class:`~vid2vid.errors.UserError` that :func:`vid2vid.cli.main` prints as one line (status 2).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
-from vid2vid.config import ConfigError
+from vid2vid.errors import UserError
 from vid2vid.generate.args import parse_args
 
 
 def _run(name: str, body: Callable[[], str]) -> int:
     try:
         print(body())
-    except ConfigError:
+    except UserError:
         raise
-    except (ValueError, FileNotFoundError) as err:  # BadInput is a ValueError
-        print(f"vid2vid {name}: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError) as err:  # the generation code's input checks name the file
+        raise UserError(str(err)) from err
     return 0
 
 

@@ -146,7 +146,8 @@ def render(streamer: StreamingGenerator, frames: Iterable[SourceFrame], sink: Fr
     from tqdm import tqdm
 
     n = 0
-    with tqdm(total=total, unit="frame", desc="generate", disable=not progress) as bar:
+    # disable=None: a bar on a terminal only; piped or logged, it would print a line per update
+    with tqdm(total=total, unit="frame", desc="generate", disable=None if progress else True) as bar:
         for frame in frames:
             feats = None if sampler is None else sampler.features(frame.labels, frame.instances)
             sink.write(frame, streamer.step(frame, feats))

@@ -232,7 +232,7 @@ def predict(args: PredictArgs) -> PredictResult:
               enumerate(rollout(predictor, [f.labels for f in observed], args.future)))
     t0 = time.perf_counter()
     try:
-        with tqdm(total=k + args.future, unit="frame", desc="predict", disable=not args.progress) as bar:
+        with tqdm(total=k + args.future, unit="frame", desc="predict", disable=None if args.progress else True) as bar:
             for i, frame in enumerate(itertools.chain(observed, future)):
                 feats = None if sampler is None else sampler.features(frame.labels, frame.instances)
                 image = streamer.step(frame, feats)  # observed frames also warm the L=2 window

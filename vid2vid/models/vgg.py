@@ -5,8 +5,11 @@ The module list reproduces torchvision's ``vgg19().features`` index by index, so
 loads without renaming. Only the layers up to relu5_1 (index 29) are built: the perceptual loss
 never looks further, and the three 512x512 convs after it would be 7M dead parameters.
 
-Weights are never downloaded and never random: :func:`load_vgg19` reads a path the user gives with
-``torch.load(weights_only=True)`` and checks every key and shape with an error that names it.
+Weights are never random: :func:`load_vgg19` reads a file with ``torch.load(weights_only=True)`` and
+checks every key and shape with an error that names it. ``model.vgg_weights`` is that file's path,
+``auto`` (torchvision's public file, downloaded once into ``$XDG_CACHE_HOME/vid2vid`` and checked
+against the sha256 prefix torchvision publishes in its name: :mod:`vid2vid.weights`) or a
+``URL#sha256=`` mirror. The presets meant for real training set ``auto``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from vid2vid.errors import WeightsError
 
 if TYPE_CHECKING:  # avoid a runtime cycle: losses imports VGG19 from here
     from vid2vid.config import ModelConfig
@@ -88,14 +93,14 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for pickled objects, RuntimeError for junk files
-        raise ValueError(
+        raise WeightsError(
             f"{path}: not a plain tensor state dict loadable with torch.load(weights_only=True) "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (mapping of key -> tensor), "
-                         f"got {type(obj).__name__}")
+        raise WeightsError(f"{path}: expected a state dict (mapping of key -> tensor), "
+                           f"got {type(obj).__name__}")
     return obj
 
 
@@ -114,16 +119,16 @@ def load_vgg19(path: str | Path) -> VGG19:
         if key.startswith("classifier."):
             continue
         if key not in FEATURE_SHAPES:
-            raise ValueError(f"{path}: unexpected key {key!r}; expected torchvision vgg19 keys "
-                             f"features.0.weight ... features.34.bias and classifier.*")
+            raise WeightsError(f"{path}: unexpected key {key!r}; expected torchvision vgg19 keys "
+                               f"features.0.weight ... features.34.bias and classifier.*")
         if not isinstance(value, Tensor) or tuple(value.shape) != FEATURE_SHAPES[key]:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"{path}: key {key!r} has shape {got}, expected {FEATURE_SHAPES[key]}")
+            raise WeightsError(f"{path}: key {key!r} has shape {got}, expected {FEATURE_SHAPES[key]}")
         if key in REQUIRED_KEYS:
             used[key] = value
     missing = [k for k in REQUIRED_KEYS if k not in used]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}; is this torchvision's {PUBLIC_WEIGHTS}?")
+        raise WeightsError(f"{path}: missing key(s) {missing}; is this torchvision's {PUBLIC_WEIGHTS}?")
     model = VGG19()
     model.load_state_dict(used, strict=True)
     model.eval()  # no dropout/batch norm in `features`, but make the intent explicit
@@ -133,16 +138,24 @@ def load_vgg19(path: str | Path) -> VGG19:
 
 
 def build_vgg_loss(cfg: ModelConfig) -> VGGLoss | None:
-    """The VGG perceptual loss from ``cfg.vgg_weights``, or None (with a warning) when no path is set.
+    """The VGG perceptual loss from ``cfg.vgg_weights``, or None (with a warning saying why) when no
+    weights are set or ``auto`` cannot download them (no network). A downloaded file whose checksum
+    does not match is an error, never a silent fallback.
 
     Random VGG weights would make the "perceptual" loss a random-feature loss, so there is no
-    fallback: without a weights file the term is simply off.
+    fallback: without a weights file the term is off, and the log says so and how to turn it on.
     """
     from vid2vid.models.losses import VGGLoss
+    from vid2vid.weights import resolve
 
     if not cfg.vgg_weights:
-        log.warning("model.vgg_weights is not set: VGG perceptual loss is OFF. Supply torchvision's "
-                    "ImageNet VGG19 weights file %s via model.vgg_weights=/path/to/%s to enable it.",
-                    PUBLIC_WEIGHTS, PUBLIC_WEIGHTS)
+        log.warning("model.vgg_weights is not set: VGG perceptual loss (lambda_vgg=%g) is OFF. Set "
+                    "model.vgg_weights=auto (downloads torchvision's %s once) or model.vgg_weights=/path/to/%s.",
+                    cfg.lambda_vgg, PUBLIC_WEIGHTS, PUBLIC_WEIGHTS)
         return None
-    return VGGLoss(load_vgg19(cfg.vgg_weights), weight=cfg.lambda_vgg)
+    try:
+        path = resolve(cfg.vgg_weights, "vgg19", "model.vgg_weights")
+    except OSError as err:  # no network, a dead mirror: the run goes on without the term, and says so
+        log.warning("VGG perceptual loss is OFF: %s", err)
+        return None
+    return VGGLoss(load_vgg19(path), weight=cfg.lambda_vgg)

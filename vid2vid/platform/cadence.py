@@ -1,5 +1,6 @@
-"""When a training rank reports to Ray Train: at most every ``train.report_every_s`` seconds, with
-every checkpoint, and at the end of the run.
+"""When a training rank reports to Ray Train: its first step (the startup metrics and the driver's first
+progress line come with it), then at most every ``train.report_every_s`` seconds, with every
+checkpoint, and at the end of the run.
 
 Every ``ray.train.report`` is a barrier over all ranks (Ray agrees on a checkpoint folder name through
 an actor), and the result goes into a queue of ONE item that Ray Train's controller drains only when it
@@ -29,13 +30,15 @@ class ReportCadence:
         self.every_s = every_s
         self.group, self.device = group, device or torch.device("cpu")
         self.clock = clock
-        self.last = clock()  # the run's start: the first report comes after the first interval
+        self.last = clock()
+        self.first = True  # this process's first step reports: its startup metrics ride on it
 
     def due(self, checkpoint: bool) -> bool:
-        """Whether the coming step reports to Ray (always when it checkpoints, or every step when
-        ``every_s`` is 0)."""
+        """Whether the coming step reports to Ray (always when it checkpoints, on the first step, or every
+        step when ``every_s`` is 0)."""
         now = self.clock()
-        fixed = checkpoint or self.every_s <= 0  # the same on every rank: the step and the config decide
+        fixed = checkpoint or self.first or self.every_s <= 0  # the same on every rank: step and config decide
+        self.first = False
         wish = fixed or now - self.last >= self.every_s
         if not fixed and self._ranks() > 1:
             flag = torch.tensor([float(wish)], device=self.device)

@@ -3,6 +3,12 @@
 Pure functions over :class:`TrialRecord` rows, so the sweep, the tests and a notebook share them.
 A variant's number is the mean over its seeds with the sample standard deviation (ddof=1) as the
 spread: with one seed the spread is unknown, written as an empty cell / "n/a", never as 0.
+
+Fréchet metrics come with a 95% bootstrap interval over the evaluated clips (``<metric>/ci95_low``,
+``<metric>/ci95_high``, and ``<metric>/clips``, logged by the eval service). A group's interval is the
+mean of its seeds' bounds. Against the first group (the reference: ``full`` in an ablation sweep),
+a difference whose intervals overlap is marked ``≈``: the evaluation's sampling noise alone could
+explain it. Disjoint intervals do not make a difference certain either (seeds vary too: see the std).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ PREFERRED_ORDER = ("eval/", "random_weights/eval/", "G/total", "D/total", "param
 # totals sum different terms per variant (no flow losses without flow warping), so the evaluation
 # metrics are what compares variants; the totals are there to spot a diverged trial.
 HEADLINE = ("eval/", "random_weights/eval/", "G/total", "D/total", "params/generator", "params/discriminator")
+LOW, HIGH, CLIPS = "/ci95_low", "/ci95_high", "/clips"  # companions of a metric, not columns of their own
+NOT_SUPPORTED = "≈"
 
 
 @dataclass
@@ -39,6 +47,25 @@ class GroupSummary:
     seeds: list[int]
     mean: dict[str, float]
     std: dict[str, float | None]  # None: fewer than two seeds had the metric
+    low: dict[str, float] = field(default_factory=dict)  # 95% interval (mean of the seeds' bounds)
+    high: dict[str, float] = field(default_factory=dict)
+    clips: dict[str, float] = field(default_factory=dict)  # clips behind the metric (mean over seeds)
+
+    def interval(self, metric: str) -> tuple[float, float] | None:
+        return (self.low[metric], self.high[metric]) if metric in self.low and metric in self.high else None
+
+
+def is_companion(name: str) -> bool:
+    return name.endswith((LOW, HIGH, CLIPS))
+
+
+def supported(a: GroupSummary, b: GroupSummary, metric: str) -> bool | None:
+    """Whether the intervals support a difference between ``a`` and ``b`` on ``metric`` (they are
+    disjoint); None when either has no interval."""
+    ia, ib = a.interval(metric), b.interval(metric)
+    if ia is None or ib is None:
+        return None
+    return ia[1] < ib[0] or ib[1] < ia[0]
 
 
 @dataclass
@@ -62,7 +89,7 @@ def metric_columns(records: Iterable[TrialRecord]) -> list[str]:
 
 
 def headline_metrics(names: Iterable[str]) -> list[str]:
-    return [n for n in names if n.startswith(HEADLINE)]
+    return [n for n in names if n.startswith(HEADLINE) and not is_companion(n)]
 
 
 def summarize(records: Sequence[TrialRecord], metrics: Sequence[str]) -> list[GroupSummary]:
@@ -72,16 +99,20 @@ def summarize(records: Sequence[TrialRecord], metrics: Sequence[str]) -> list[Gr
         groups.setdefault(r.group, []).append(r)
     out = []
     for group, rows in groups.items():
-        mean: dict[str, float] = {}
-        std: dict[str, float | None] = {}
+        summary = GroupSummary(group, sorted(r.seed for r in rows), {}, {})
         for m in metrics:
             values = [float(r.metrics[m]) for r in rows if _is_number(r.metrics.get(m))]
             if not values:
                 continue
             mu = sum(values) / len(values)
-            mean[m] = mu
-            std[m] = math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-        out.append(GroupSummary(group, sorted(r.seed for r in rows), mean, std))
+            summary.mean[m] = mu
+            summary.std[m] = (math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1))
+                              if len(values) > 1 else None)
+            for suffix, target in ((LOW, summary.low), (HIGH, summary.high), (CLIPS, summary.clips)):
+                bounds = [float(r.metrics[m + suffix]) for r in rows if _is_number(r.metrics.get(m + suffix))]
+                if bounds:
+                    target[m] = sum(bounds) / len(bounds)
+        out.append(summary)
     return out
 
 
@@ -95,15 +126,30 @@ def write_trials_csv(records: Sequence[TrialRecord], metrics: Sequence[str], pat
     return Path(path)
 
 
+def _with_intervals(summaries: Sequence[GroupSummary], metrics: Sequence[str]) -> set[str]:
+    return {m for m in metrics if any(s.interval(m) for s in summaries)}
+
+
 def write_comparison_csv(summaries: Sequence[GroupSummary], metrics: Sequence[str], path: Path) -> Path:
-    """One row per group: ``<metric>_mean`` and ``<metric>_std`` columns (std empty with one seed)."""
+    """One row per group: ``<metric>_mean`` and ``<metric>_std`` columns (std empty with one seed); for
+    metrics with intervals also ``_ci95_low``, ``_ci95_high``, ``_clips`` and ``_vs_reference``
+    (``supported``, ``not supported``; empty for the reference, the first group)."""
+    ci = _with_intervals(summaries, metrics)
+    head = ["group", "num_seeds", "seeds"]
+    for m in metrics:
+        head += [f"{m}_mean", f"{m}_std"] + ([f"{m}_ci95_low", f"{m}_ci95_high", f"{m}_clips",
+                                              f"{m}_vs_reference"] if m in ci else [])
     with Path(path).open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["group", "num_seeds", "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))])
-        for s in summaries:
+        w.writerow(head)
+        for i, s in enumerate(summaries):
             cells = []
             for m in metrics:
                 cells += [_fmt_csv(s.mean.get(m)), _fmt_csv(s.std.get(m))]
+                if m in ci:
+                    verdict = None if i == 0 else supported(s, summaries[0], m)
+                    cells += [_fmt_csv(s.low.get(m)), _fmt_csv(s.high.get(m)), _fmt_csv(s.clips.get(m)),
+                              "" if verdict is None else ("supported" if verdict else "not supported")]
             w.writerow([s.group, len(s.seeds), " ".join(map(str, s.seeds)), *cells])
     return Path(path)
 
@@ -112,18 +158,30 @@ def comparison_markdown(summaries: Sequence[GroupSummary], metrics: Sequence[str
     head = ["variant", "seeds", *metrics]
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(metrics)) + "|"]
-    for s in summaries:
+    marked = False
+    for i, s in enumerate(summaries):
         cells = [s.group, str(len(s.seeds))]
         for m in metrics:
             if m not in s.mean:
                 cells.append("—")
-            elif s.std.get(m) is None:
-                cells.append(_fmt(s.mean[m]))
-            else:
-                cells.append(f"{_fmt(s.mean[m])} ± {_fmt(s.std[m])}")
+                continue
+            cell = _fmt(s.mean[m]) if s.std.get(m) is None else f"{_fmt(s.mean[m])} ± {_fmt(s.std[m])}"
+            if s.interval(m):
+                cell += f" [{_fmt(s.low[m])}, {_fmt(s.high[m])}]"
+                if m in s.clips:
+                    cell += f" n={s.clips[m]:.0f}"
+            if i > 0 and supported(s, summaries[0], m) is False:
+                cell = f"{NOT_SUPPORTED} {cell}"
+                marked = True
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "mean ± sample std over seeds (a value without ± comes from one seed). G/total and D/total "
               "sum different loss terms per variant: compare variants by the eval metrics."]
+    if _with_intervals(summaries, metrics):
+        lines += ["", f"[low, high]: 95% bootstrap interval over the n evaluated clips (mean of the seeds' bounds). "
+                  f"{NOT_SUPPORTED}: the interval overlaps the reference's ({summaries[0].group}), so the "
+                  f"difference is within the evaluation's sampling noise: not supported."
+                  + ("" if marked else " No difference is marked.")]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """DeepSpeed engines for a GAN: construction on CPU and GPU, learning rate, rebuild, save/load.
 
 Two engines live in one process when G and D are colocated. On CPU/gloo with ZeRO-1/2 this works
-only under two rules (see ``../shared/STACK.md``), which the train loop must follow:
+only under two rules (each seen failing otherwise with DeepSpeed 0.19.8), which the train loop must follow:
 
 1. D is forwarded through its engine exactly once per ``d_engine.backward`` (real and fake in one
    batch): ZeRO-2 reduces each gradient once per backward and asserts on a second forward.

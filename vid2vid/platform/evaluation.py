@@ -34,14 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vid2vid.config import Config, EvalConfig, apply_mapping, parse_overrides
+from vid2vid.config import Config, ConfigError, EvalConfig, apply_mapping, parse_overrides
 from vid2vid.eval.service import EvalResult, checkpoint_step, evaluate_checkpoint, resolve_target
 from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from vid2vid.platform.warm_start import CONFIG, WEIGHTS, load_config, weights_path
 
 log = logging.getLogger("vid2vid.eval")
 STAGE_TIMEOUT_S = 60
-STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_MANIFEST)
+STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_MANIFEST, "styles.npz")  # styles: a multimodal model's
 
 
 def evaluate_run(cfg: Config, result: Any, shards: str | Path) -> dict[str, float]:
@@ -201,6 +201,8 @@ def start_evaluator(cfg: Config, shards: str | Path, run_id: str | None = None, 
 def evaluate_command(args: list[str]) -> int:
     """``vid2vid evaluate checkpoint=DIR shards=DIR [step=N] [run_id=ID] [tracking_uri=URI] [eval.KEY=V]``.
 
+    ``checkpoint=`` reaches here as a folder: ``vid2vid.cli`` resolves a run folder, run name or MLflow run id.
+
     Other ``key=value`` arguments override the checkpoint's own config; bare keys are ``eval`` keys
     (``i3d_weights=...`` means ``eval.i3d_weights=...``).
     """
@@ -215,8 +217,8 @@ def evaluate_command(args: list[str]) -> int:
         else:
             overrides.append(arg if "." in key else f"eval.{arg}")
     if not opts["checkpoint"] or not opts["shards"]:
-        print("vid2vid evaluate: checkpoint=DIR and shards=DIR are required")
-        return 2
+        raise ConfigError("checkpoint= and shards=DIR are required (checkpoint: a checkpoint folder, a run folder, "
+                          "a run name or an MLflow run id)")
     cfg = apply_mapping(load_config(opts["checkpoint"]), parse_overrides(overrides))
     ensure_ray()
     res = evaluate_checkpoint(opts["checkpoint"], opts["shards"], cfg.eval,
@@ -227,9 +229,25 @@ def evaluate_command(args: list[str]) -> int:
 
 
 def format_result(res: EvalResult) -> str:
+    """One line per metric; a Fréchet distance with its 95% interval and clip count."""
     lines = [f"evaluation at step {res.step}: {res.num_clips} clips x {res.clip_frames} frames, "
-             f"{res.split} split, {res.seconds:.1f} s",
-             *(f"  {k:<32} {v:.6g}" for k, v in sorted(res.metrics.items())),
-             *(f"  not computed: {k}: {why}" for k, why in sorted(res.skipped.items())),
-             f"  MLflow run {res.run_id} at {res.tracking_uri}"]
+             f"{res.split} split, {res.seconds:.1f} s"]
+    for k, v in sorted(res.metrics.items()):
+        if k.endswith(("/ci95_low", "/ci95_high", "/clips")):
+            continue
+        est = res.estimates.get(k)
+        ci = "" if est is None or est.low is None else f"  95% [{est.low:.4g}, {est.high:.4g}], {est.clips} clips"
+        lines.append(f"  {k:<32} {v:.6g}{ci}")
+    lines += [f"  not computed: {k}: {why}" for k, why in sorted(res.skipped.items())]
+    lines += [f"  warning: {k}: {why}" for k, why in sorted(res.tags.items()) if k.startswith("eval/small_n/")]
+    lines.append(f"  MLflow run {res.run_id} at {res.tracking_uri}")
     return "\n".join(lines)
+
+
+def check_eval_split(cfg: Config, shards: str | Path) -> None:
+    """Fail before training when the shards lack the split evaluation will read (``eval.split``),
+    rather than after hours of it; the error says how to prepare a validation split."""
+    from vid2vid.datasets.shards import load_manifest
+    from vid2vid.eval.clips import choose_split
+
+    choose_split(load_manifest(shards), cfg.eval.split, f"{shards}/manifest.json")

@@ -108,6 +108,10 @@ def _apply_status(client, run_id: str, status: str, t: int) -> None:
     else:
         client.update_run(run_id, status=status)
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it may guess "GenAI" and land on an
+# empty traces overview instead of the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
 
 def create_run(client, header: Mapping[str, Any], journal_id: str | None, parent_run_id: str | None) -> str:
     """Create the MLflow run a writer header describes (experiment, name, tags, start time)."""
@@ -124,12 +128,14 @@ def create_run(client, header: Mapping[str, Any], journal_id: str | None, parent
 def _experiment_id(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if not any(k in exp.tags for k in EXPERIMENT_KIND):  # made by an older version or by hand
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     artifacts = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the CWD
         artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifacts)
+        return client.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
     except Exception as exc:  # noqa: BLE001 - another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:

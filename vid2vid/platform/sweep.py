@@ -312,6 +312,10 @@ def run_sweep(cfg: Config, sweep: SweepConfig, shards: str | Path | None = None)
     path = storage / name
     ensure_ray()
     shards = Path(shards).resolve() if shards else ensure_shards(cfg).resolve()
+    if sweep.evaluate:
+        from vid2vid.platform.evaluation import check_eval_split
+
+        check_eval_split(cfg, shards)  # no validation split: say so before any trial trains
     restoring = tune.Tuner.can_restore(str(path))
     if restoring and not sweep.resume:
         raise FileExistsError(f"{path}: a sweep named {name!r} exists; pass resume=true to continue it or "

@@ -4,10 +4,15 @@
 ``cfg.train.run_name`` (default: ``<cfg.name>-<timestamp>``); starting a run under a name that
 already exists in ``<run_dir>/ray`` resumes it from its latest checkpoint (Ray Train restores the
 run's checkpoint list; the MLflow run id is kept beside it, so metrics continue in the same run).
+A resume with a changed config is refused unless ``train.allow_config_change`` (see ``resume.py``).
+
+Before Ray Train starts, the driver says how many steps the run will take (``progress.plan_steps``);
+during the run it logs one progress line per step (``progress.Progress``) when ``progress=True``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -16,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from vid2vid.config import Config, flatten, to_dict
+from vid2vid.console import is_verbose, quiet_ray_driver, quiet_ray_worker
 from vid2vid.platform.placement import plan_placement
+from vid2vid.platform.progress import Progress, StepPlan, plan_steps
+from vid2vid.platform.resume import check_resume, record_config
 from vid2vid.platform.tracking import RUN_ID_FILE, read_run_id
 
 log = logging.getLogger("vid2vid.train")
@@ -30,6 +38,7 @@ class TrainResult:
     checkpoint: str | None  # directory of the latest checkpoint
     metrics: dict[str, Any]
     storage: Path
+    plan: StepPlan | None = None  # the steps the driver announced
 
 
 def placement_data_config(mode: str, world_size: int):
@@ -56,33 +65,73 @@ def placement_data_config(mode: str, world_size: int):
 
 
 def ensure_ray(address: str | None = None) -> None:
+    """Start (or connect to) Ray once per process, saying so: a local start takes ~10 s."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"))
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    log.info("starting Ray%s ...", f" (connecting to {address})" if address else " on this machine")
+    t0 = time.perf_counter()
+    if not address:  # a Ray of our own on this machine
+        # Nothing preempts this machine's processes: spare Ray Train's preemption-watcher actor (one
+        # more process to start before step 1). A cluster keeps it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if not is_verbose():  # its token-auth notice is about clusters
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(address=address, logging_level=logging.INFO if is_verbose() else logging.WARNING)
+    quiet_ray_driver()
+    res = ray.cluster_resources()
+    log.info("Ray ready in %.1f s: %g CPUs, %g GPUs", time.perf_counter() - t0, res.get("CPU", 0), res.get("GPU", 0))
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: quiet Ray Train's per-report log, then the worker loop."""
+    from vid2vid.platform import startup
+
+    startup.mark("worker_start")
+    quiet_ray_worker(payload.get("verbose", False))
+    from vid2vid.platform.worker import train_loop_per_worker
+
+    startup.mark("imported")
+    train_loop_per_worker(payload)
+
+
+def announce_steps(cfg: Config, manifest: dict[str, Any], run_name: str) -> StepPlan:
+    """Say how many steps the run will take; a ``train.max_steps`` the schedule ends before is a warning."""
+    placement = plan_placement(cfg.train.num_workers, cfg.train.gpus_per_worker, cfg.train.placement)  # fail fast
+    plan = plan_steps(cfg.train, int(manifest["splits"].get("train", {}).get("clips", 0)),
+                      len(placement.generator_ranks))
+    announce = log.warning if 0 < plan.total < cfg.train.max_steps else log.info
+    announce("run %s: %s", run_name, plan.describe(cfg.train.max_steps))
+    return plan
 
 
 def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = None,
           parent_run_id: str | None = None, callbacks: list | None = None,
-          parent_key: str | None = None) -> TrainResult:
+          parent_key: str | None = None, progress: bool = False) -> TrainResult:
     """Train on prepared shards; everything lands in MLflow and in ``<run_dir>/ray/<run_name>``.
 
     The run's tracking key is its name: the driver and rank 0 log into one MLflow run, also when the
-    server was down at start (it is created when it answers; ``parent_key`` nests it then)."""
+    server was down at start (it is created when it answers; ``parent_key`` nests it then).
+    ``progress=True`` logs the driver's progress line (the experiment scripts; a sweep's trials do not).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from vid2vid.datasets.shards import check_model_fits, load_manifest, training_dataset
+    from vid2vid.platform import startup
     from vid2vid.platform.tracking import Tracker
-    from vid2vid.platform.worker import train_loop_per_worker
 
     ensure_ray()
+    startup.record("train_called")
     run_dir = Path(cfg.train.run_dir).resolve()
     run_name = cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = run_dir / "ray"
+    changes = check_resume(cfg, storage / run_name)
     manifest = load_manifest(shards)
     check_model_fits(cfg.model, manifest, shards)
-    plan_placement(cfg.train.num_workers, cfg.train.gpus_per_worker, cfg.train.placement)  # fail fast
+    plan = announce_steps(cfg, manifest, run_name)
 
     resumed_run_id = read_run_id(storage / run_name)
     tracker = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=run_name,
@@ -92,40 +141,56 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
                             **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
     if resumed_run_id is None:  # MLflow params are write-once; a resumed run keeps its original ones
         tracker.log_params(flatten(cfg))
+    record_config(cfg, storage / run_name, changes, tracker)
+    if changes:
+        log.warning("run %s resumes with a changed config (train.allow_config_change=true): %s", run_name,
+                    "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items()))
 
     payload = {"config": to_dict(cfg), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
                "tracking": tracker.identity(),  # rank 0 joins this run (offline too) with it
                "run_dir": str(run_dir), "clip_len": int(manifest["clip_len"]),
-               "sample_dir": str(run_dir / "samples" / run_name),
+               "sample_dir": str(run_dir / "samples" / run_name), "verbose": is_verbose(),
                # fault-injection hook for tests: die once at each of these steps (see worker._maybe_fail)
                "fail_at_steps": [int(s) for s in os.environ.get("VID2VID_FAIL_AT_STEP", "").split(",") if s.strip()],
                "fail_marker": os.environ.get("VID2VID_FAIL_MARKER")}
     use_gpu = cfg.train.use_gpu
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=payload,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"GPU": cfg.train.gpus_per_worker} if use_gpu else {"CPU": cfg.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or None),
-        datasets={"train": training_dataset(shards, split="train", shuffle_seed=cfg.train.seed)},
-        dataset_config=placement_data_config(cfg.train.placement, cfg.train.num_workers),
-    )
-    try:
-        result = trainer.fit()
-    except Exception:
-        tracker.end("FAILED")
-        replay_at_end(tracker)
-        raise
+    log.info("starting %d Ray Train worker%s (%s, %s); DeepSpeed and the data stream start before step 1",
+             cfg.train.num_workers, "s" * (cfg.train.num_workers > 1), cfg.train.placement,
+             "GPU" if use_gpu else "CPU")
+    with contextlib.ExitStack() as stack:
+        payload["fit_time"] = startup.record("fit")
+        if progress:
+            shown = stack.enter_context(Progress(plan, cfg.train.progress_every_s, payload["fit_time"]))
+            callbacks = [*(callbacks or []), shown.callback]
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config=payload,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                resources_per_worker={"GPU": cfg.train.gpus_per_worker} if use_gpu
+                else {"CPU": cfg.train.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=str(storage),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or None,
+                logging_config=ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")),
+            datasets={"train": training_dataset(shards, split="train", shuffle_seed=cfg.train.seed)},
+            dataset_config=placement_data_config(cfg.train.placement, cfg.train.num_workers),
+        )
+        try:
+            result = trainer.fit()
+        except Exception:
+            tracker.end("FAILED")
+            replay_at_end(tracker)
+            raise
+        if progress:
+            shown.wait_for(int((result.metrics or {}).get("step", 0)))
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     if checkpoint:
         tracker.set_tags({"checkpoint": checkpoint})
     replay_at_end(tracker)
-    return TrainResult(run_name, tracker.run_id, tracker.uri, checkpoint, dict(result.metrics or {}), storage)
+    return TrainResult(run_name, tracker.run_id, tracker.uri, checkpoint, dict(result.metrics or {}), storage, plan)
 
 
 def replay_at_end(tracker) -> None:
@@ -136,4 +201,3 @@ def replay_at_end(tracker) -> None:
         log.warning("%d tracking records of run %s wait in %s (MLflow at %s does not answer); when it does, "
                     "run: vid2vid sync-tracking run_dir=%s", tracker.pending(), tracker.key, tracker.journal.dir,
                     tracker.uri, tracker.run_dir)
-

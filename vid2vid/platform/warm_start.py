@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vid2vid.errors import CheckpointError, WeightsError
+
 WEIGHTS = "weights.pt"
 CONFIG = "config.json"
 
@@ -23,8 +25,21 @@ CONFIG = "config.json"
 def weights_path(checkpoint_dir: str | Path, side: str) -> Path:
     path = Path(checkpoint_dir) / side / WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: no {side}/{WEIGHTS}; is it a vid2vid training checkpoint?")
+        raise CheckpointError(f"{checkpoint_dir}: no {side}/{WEIGHTS}; is it a vid2vid training checkpoint?")
     return path
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict, or a :class:`WeightsError` naming the file (a truncated or overwritten file
+    otherwise fails deep inside torch with e.g. ``KeyError: 174812789``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read it is the file's
+        raise WeightsError(f"{path}: cannot read the weights ({type(err).__name__}: {str(err)[:200]}); the file is "
+                           f"damaged or not a torch state dict") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict, found a {type(state).__name__}")
+    return state
 
 
 def save_weights(checkpoint_dir: str | Path, side: str, module: nn.Module) -> Path:
@@ -64,7 +79,7 @@ def load_matching(module: nn.Module, checkpoint_dir: str | Path, side: str) -> M
     write that copy back after every step. A checkpoint sharing no tensor with the module is an error.
     """
     path = weights_path(checkpoint_dir, side)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = read_weights(path)
     own = module.state_dict()
     matching = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     if not matching:
@@ -81,8 +96,12 @@ def load_config(checkpoint_dir: str | Path):
 
     path = Path(checkpoint_dir) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: no {CONFIG}; is it a vid2vid training checkpoint?")
-    return apply_mapping(Config(), json.loads(path.read_text()))
+        raise CheckpointError(f"{checkpoint_dir}: no {CONFIG}; is it a vid2vid training checkpoint?")
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint's config ({err})") from None
+    return apply_mapping(Config(), values)
 
 
 def load_generator(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
@@ -91,6 +110,10 @@ def load_generator(checkpoint_dir: str | Path, device: str | torch.device = "cpu
 
     cfg = load_config(checkpoint_dir)
     g = GeneratorSide(cfg.model)
-    state = torch.load(weights_path(checkpoint_dir, "generator"), map_location="cpu", weights_only=True)
-    g.load_state_dict(state)
+    path = weights_path(checkpoint_dir, "generator")
+    try:
+        g.load_state_dict(read_weights(path))
+    except RuntimeError as err:  # missing, unexpected or mis-shaped keys
+        raise WeightsError(f"{path}: does not fit the model of {path.parent.parent / CONFIG} "
+                           f"({str(err).splitlines()[0]}; {len(str(err).splitlines())} lines of differences)") from None
     return cfg, g.to(device).eval()

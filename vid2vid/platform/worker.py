@@ -27,7 +27,7 @@ from vid2vid.datasets.shards import Clip
 from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.objective import LossTerms, Objective
 from vid2vid.models.vid2vid import GeneratorSide
-from vid2vid.platform import handoff
+from vid2vid.platform import handoff, startup
 from vid2vid.platform.cadence import ReportCadence
 from vid2vid.platform.engines import build_engine, forward_precision, frozen, rebuild_optimizer, set_lr
 from vid2vid.platform.placement import Placement, make_groups, plan_placement
@@ -55,6 +55,7 @@ class WorkerContext:
     last_step: int = 0
     fail_at_steps: tuple[int, ...] = ()
     fail_marker: str | None = None
+    fit_time: float | None = None  # when the driver called fit(): startup/* metrics are measured from it
     restored_checksum: float | None = None  # sum |w| of G after a resume, reported once (tests check it)
     generator_group: Any = None  # the generator ranks' process group: they agree on when to report
 
@@ -270,7 +271,10 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
     rng = wc.rng
     available = wc.clip_len
     done = False
-    cadence = ReportCadence(cfg.train.report_every_s, wc.generator_group, wc.device)
+    # The driver's progress lines are printed from Ray's reports: asking for them more often asks for
+    # reports more often too.
+    every_s = min(cfg.train.report_every_s, cfg.train.progress_every_s)
+    cadence = ReportCadence(every_s, wc.generator_group, wc.device)
     latest: dict[str, float] = {}  # the last step's metrics: every checkpoint and the run's end carry them
     checkpointed = state.step  # the step of the latest checkpoint (the one resumed from, or none)
     while state.epoch < total_epochs(cfg) and not done:
@@ -283,6 +287,7 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
                 continue  # consumed before the checkpoint we resumed from
             _maybe_fail(wc, state)
             clip = Clip.from_batch(batch).to(wc.device)
+            startup.mark("first_batch")
             n = min(plan.clip_len, clip.num_frames)
             t0 = time.perf_counter()
             checkpoint = _checkpoint_due(cfg, state.step + 1)
@@ -304,6 +309,7 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
             if wc.restored_checksum is not None:
                 metrics["restored/g_weight_abs_sum"], wc.restored_checksum = wc.restored_checksum, None
             metrics["clip_index"] = float(clip.clip_index[0]) if clip.clip_index is not None else -1.0
+            metrics.update(startup.first_step_metrics(wc.fit_time, seconds))
             latest = metrics
             if to_ray:
                 report(wc, state, metrics, checkpoint)
@@ -417,7 +423,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_dir:
         wc = setup(cfg, resume_dir)
+        startup.mark("engines_built")
         state = restore(wc, resume_dir)
+    wc.fit_time = payload.get("fit_time")
     wc.clip_len = payload.get("clip_len")
     wc.fail_at_steps, wc.fail_marker = tuple(payload.get("fail_at_steps", ())), payload.get("fail_marker")
     tracker = None
