@@ -193,7 +193,7 @@ def main(argv: list[str]) -> int:
 
     from vid2vid.config import load_config
     from vid2vid.datasets.prepare import prepare
-    from vid2vid.platform import trainer, worker
+    from vid2vid.platform import trainer
 
     opts = {"steps": 25, "intervals": 4, "pairs": 10, **parse_overrides(argv)}
     steps, intervals, pairs = int(opts.pop("steps")), int(opts.pop("intervals")), int(opts.pop("pairs"))
@@ -212,13 +212,15 @@ def main(argv: list[str]) -> int:
         prepare(cfg.data, progress=False)
         out = Path(tmp) / "out"
         out.mkdir()
-        original = worker.train_loop_per_worker
-        worker.train_loop_per_worker = lambda payload: measure({**payload, "out": str(out), "steps": steps,
-                                                                "pairs": pairs, "shards": cfg.data.out})
+        # the Ray Train workers run measure() instead of the worker loop: trainer.train looks its worker
+        # function up when it builds the TorchTrainer, and Ray ships a function of __main__ by value
+        original = trainer.train_worker
+        trainer.train_worker = lambda payload: measure({**payload, "out": str(out), "steps": steps,
+                                                        "pairs": pairs, "shards": cfg.data.out})
         try:
             trainer.train(cfg, cfg.data.out)
         finally:
-            worker.train_loop_per_worker = original
+            trainer.train_worker = original
         t = json.loads((out / "timings.json").read_text())
     ray.shutdown()
     return report_results(cfg, t, steps, intervals, pairs)
