@@ -19,7 +19,8 @@ per-clip metrics, scheduling), plus its Fréchet step; plain work = the batches,
 
 Fixed costs (Ray Data and actor start-up, loading the nets, MLflow) are printed apart; the ratio is
 plain seconds / service seconds for the per-clip work plus the Fréchet step (1.0 = no overhead), with
-the end-to-end ratio beside it; the closing line is ``ratio eval_service_vs_plain: X (bar >= 0.9)``. Also timed in the same run: one 2048-d Fréchet distance the old way
+the end-to-end ratio beside it; the closing line is ``ratio eval_service_vs_plain: X (bar >= 0.9)``.
+Also timed in the same run: one 2048-d Fréchet distance the old way
 (``scipy.linalg.sqrtm`` of S1 S2) and the new way (symmetric eigen form).
 
     .venv/bin/python benchmarks/eval.py                       # 64 clips, 2 CPUs, ~3-4 minutes on 2 cores
