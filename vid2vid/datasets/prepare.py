@@ -248,10 +248,10 @@ class _ShardWorker:
 
 
 def _actor_cpus() -> int:
-    """The CPUs Ray gave this actor (1 outside Ray)."""
+    """The CPUs Ray gave this actor (1 outside a Ray actor)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return 1
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
