@@ -23,7 +23,7 @@ the end-to-end ratio beside it; the closing line is ``ratio eval_service_vs_plai
 Also timed in the same run: one 2048-d Fréchet distance the old way
 (``scipy.linalg.sqrtm`` of S1 S2) and the new way (symmetric eigen form).
 
-    .venv/bin/python benchmarks/eval.py                       # 64 clips, 2 CPUs, ~3-4 minutes on 2 cores
+    .venv/bin/python benchmarks/eval.py                       # 64 clips, 2 CPUs, ~5 minutes on 2 cores
     .venv/bin/python benchmarks/eval.py clips=8 cpus=2 resolution=256x128
 """
 
