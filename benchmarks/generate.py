@@ -105,6 +105,9 @@ def memory(opts: dict[str, str]) -> int:
     ratio = results[hi]["peak_rss_mb"] / results[lo]["peak_rss_mb"]
     ok = abs(ratio - 1) <= 0.05
     print(f"peak RSS {hi} / {lo} frames = {ratio:.3f} -> {'PASS' if ok else 'FAIL'} (within 5%)")
+    from timing import print_ratio  # benchmarks/ is this script's folder, first on sys.path
+
+    print_ratio(f"generate_peak_rss_{hi}_vs_{lo}", ratio, "<= 1.05")
     return 0 if ok else 1
 
 

@@ -152,6 +152,11 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     grad_clip: float = 1.0
     checkpoint_every: int = 0  # steps; 0 = once per epoch
+    # Seconds between reports to Ray Train (0: every step). Each report waits for Ray's controller to
+    # take the previous one (it polls every 2 s); checkpoints and the run's end always report, and
+    # MLflow gets every step's metrics whatever this is. The first step always reports, and a shorter
+    # train.progress_every_s wins (progress lines are printed from reports).
+    report_every_s: float = 10.0
     max_failures: int = 0
     seed: int = 0
     run_dir: str = "runs"
@@ -356,6 +361,8 @@ def validate(cfg: Any) -> None:
         if not 0 < model.face_crop <= 1:
             raise ConfigError(f"model.face_crop: must be in (0, 1] (a fraction of the frame height), "
                               f"got {model.face_crop}")
+    if isinstance(cfg, Config) and cfg.train.report_every_s < 0:
+        raise ConfigError(f"train.report_every_s: must be >= 0 (0 = every step), got {cfg.train.report_every_s}")
     if isinstance(cfg, (Config, DataConfig)):
         data = cfg.data if isinstance(cfg, Config) else cfg
         parse_resolution(data.resolution)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from vid2vid import storage
-from vid2vid.config import ConfigError, DataConfig, validate
+from vid2vid.config import ConfigError, DataConfig, parse_resolution, validate
 from vid2vid.datasets import shards
 from vid2vid.datasets.labels import BadInput, instance_edges
 from vid2vid.datasets.sources import (
@@ -187,9 +187,34 @@ class _ShardWorker:
     def __init__(self, cfg: DataConfig, kind: str, settings: dict, out: str):
         from vid2vid.datasets.flow import FlowEstimator
 
+        pin_threads(_actor_cpus())
         self.cfg, self.settings, self.out = cfg, settings, out
         self.source = SOURCES[kind](cfg)
         self.estimator = None if kind == "synthetic" else FlowEstimator(cfg.flow, cfg.raft_weights)
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Pay the first call's one-off costs here (lazy imports and codec set-up in PIL, OpenCV and
+        Parquet, the flow method's first run) while the pool starts, not in the first shard task."""
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from PIL import Image
+
+        from vid2vid.datasets.labels import resize_image, resize_nearest
+
+        w, h = parse_resolution(self.cfg.resolution)
+        rgb = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        for fmt in ("PNG", "JPEG"):
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, fmt)
+            np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        resize_image(rgb, (w // 2, h // 2))
+        resize_nearest(rgb[..., 0], (w // 2, h // 2))
+        if self.estimator is not None:
+            self.backward_flow(np.stack([rgb, np.roll(rgb, 1, axis=1)]))
+        pq.write_table(pa.table({"x": [1]}), io.BytesIO(), compression="zstd")
 
     def __call__(self, batch: dict) -> dict:
         rows = [self.run(ShardTask.from_json(str(text)), str(text)) for text in batch["task"]]
@@ -221,6 +246,25 @@ class _ShardWorker:
             pair = self.estimator.pair(frames[t], frames[t - 1])
             flow[t], conf[t] = pair.forward, pair.confidence
         return flow, conf
+
+
+def _actor_cpus() -> int:
+    """The CPUs Ray gave this actor (1 outside a Ray actor)."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return 1
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
+def pin_threads(n: int) -> None:
+    """OpenCV (resize, DIS flow) and torch (RAFT) use ``n`` threads: by default OpenCV starts one per
+    core of the machine in every actor, so N actors on N cores oversubscribe them and scale worse."""
+    import cv2
+    import torch
+
+    cv2.setNumThreads(n)
+    torch.set_num_threads(n)
 
 
 def _write_task(task: ShardTask, block: FrameBlock, cfg: DataConfig, settings: dict, out: str) -> None:

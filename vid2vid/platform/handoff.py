@@ -64,15 +64,16 @@ class Control:
     step: int
     checkpoint: bool  # with STEP: report a checkpoint after this step
     lr_factor: float
+    report: bool = True  # with STEP: report to Ray Train after this step (the G rank's cadence decides)
 
     def tensor(self) -> Tensor:
-        return torch.tensor([self.action, self.epoch, self.step, float(self.checkpoint), self.lr_factor],
-                            dtype=torch.float64)
+        return torch.tensor([self.action, self.epoch, self.step, float(self.checkpoint), self.lr_factor,
+                             float(self.report)], dtype=torch.float64)
 
     @classmethod
     def from_tensor(cls, t: Tensor) -> Control:
         v = t.tolist()
-        return cls(int(v[0]), int(v[1]), int(v[2]), bool(v[3]), float(v[4]))
+        return cls(int(v[0]), int(v[1]), int(v[2]), bool(v[3]), float(v[4]), bool(v[5]))
 
 
 def send_control(control: Control, dst: int, device: torch.device) -> None:
@@ -80,7 +81,7 @@ def send_control(control: Control, dst: int, device: torch.device) -> None:
 
 
 def recv_control(src: int, device: torch.device) -> Control:
-    t = torch.zeros(5, dtype=torch.float64, device=device)
+    t = torch.zeros(6, dtype=torch.float64, device=device)
     dist.recv(t, src)
     return Control.from_tensor(t.cpu())
 

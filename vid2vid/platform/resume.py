@@ -22,7 +22,7 @@ from vid2vid.config import Config, ConfigError, flatten, to_dict
 RUN_CONFIG = "vid2vid-run-config.json"
 # Keys that say how far or how a run goes, not what it trains: changing them is no config change.
 RUN_CONTROL_KEYS = ("train.run_name", "train.allow_config_change", "train.max_steps", "train.max_failures",
-                    "train.progress_every_s", "data.overwrite", "data.flow_actors")
+                    "train.progress_every_s", "train.report_every_s", "data.overwrite", "data.flow_actors")
 MAX_TAG = 5000  # MLflow's tag values are limited; the artifact holds the whole diff
 
 

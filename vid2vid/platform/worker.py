@@ -28,6 +28,7 @@ from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.objective import LossTerms, Objective
 from vid2vid.models.vid2vid import GeneratorSide
 from vid2vid.platform import handoff, startup
+from vid2vid.platform.cadence import ReportCadence
 from vid2vid.platform.engines import build_engine, forward_precision, frozen, rebuild_optimizer, set_lr
 from vid2vid.platform.placement import Placement, make_groups, plan_placement
 from vid2vid.platform.schedule import EpochPlan, ScheduleState, plan_epoch
@@ -56,6 +57,7 @@ class WorkerContext:
     fail_marker: str | None = None
     fit_time: float | None = None  # when the driver called fit(): startup/* metrics are measured from it
     restored_checksum: float | None = None  # sum |w| of G after a resume, reported once (tests check it)
+    generator_group: Any = None  # the generator ranks' process group: they agree on when to report
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
@@ -130,7 +132,8 @@ def setup(cfg: Config, resume_dir: str | None = None) -> WorkerContext:
     g, d = prepare_sides(cfg, role, device, frozen_now, warm, log_rank=rank == min(placement.group_ranks(rank)))
     rng = torch.Generator().manual_seed(cfg.train.seed + 7919 * rank) if g is not None else None
     return WorkerContext(cfg, rank, world, placement, device, build_engines(cfg, g, d, groups["mpu"]),
-                         Objective(cfg.model).to(device), groups["mpu"], forward_precision(cfg.train, device), rng)
+                         Objective(cfg.model).to(device), groups["mpu"], forward_precision(cfg.train, device), rng,
+                         generator_group=groups["generator"])
 
 
 def restore(wc: WorkerContext, resume_dir: str | None) -> ScheduleState:
@@ -268,6 +271,12 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
     rng = wc.rng
     available = wc.clip_len
     done = False
+    # The driver's progress lines are printed from Ray's reports: asking for them more often asks for
+    # reports more often too.
+    every_s = min(cfg.train.report_every_s, cfg.train.progress_every_s)
+    cadence = ReportCadence(every_s, wc.generator_group, wc.device)
+    latest: dict[str, float] = {}  # the last step's metrics: every checkpoint and the run's end carry them
+    checkpointed = state.step  # the step of the latest checkpoint (the one resumed from, or none)
     while state.epoch < total_epochs(cfg) and not done:
         plan = plan_epoch(state.epoch, cfg.train, available)
         state.clip_len = plan.clip_len
@@ -282,9 +291,10 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
             n = min(plan.clip_len, clip.num_frames)
             t0 = time.perf_counter()
             checkpoint = _checkpoint_due(cfg, state.step + 1)
+            to_ray = cadence.due(checkpoint)
             if split:
                 handoff.send_control(handoff.Control(handoff.STEP, state.epoch, state.step, checkpoint,
-                                                     plan.lr_factor), partner, wc.device)
+                                                     plan.lr_factor, to_ray), partner, wc.device)
                 g_terms, d_terms = split_generator_step(wc, clip, n, rng, partner)
             else:
                 result = colocated_step(wc.engines["generator"], wc.engines["discriminator"], wc.objective, cfg.model,
@@ -300,7 +310,11 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
                 metrics["restored/g_weight_abs_sum"], wc.restored_checksum = wc.restored_checksum, None
             metrics["clip_index"] = float(clip.clip_index[0]) if clip.clip_index is not None else -1.0
             metrics.update(startup.first_step_metrics(wc.fit_time, seconds))
-            report(wc, state, metrics, checkpoint)
+            latest = metrics
+            if to_ray:
+                report(wc, state, metrics, checkpoint)
+            if checkpoint:
+                checkpointed = state.step
             if tracker is not None:
                 tracker.buffer(metrics, state.step, committed=checkpoint)
             if cfg.train.max_steps and state.step >= cfg.train.max_steps:
@@ -310,17 +324,27 @@ def generator_loop(wc: WorkerContext, state: ScheduleState, tracker: Any) -> Sch
             state.epoch += 1
             state.batch_in_epoch = 0
             if cfg.train.checkpoint_every == 0:
-                if split:
-                    handoff.send_control(handoff.Control(handoff.CHECKPOINT, state.epoch, state.step, True,
-                                                         plan.lr_factor), partner, wc.device)
-                report(wc, state, {"step": state.step, "epoch": state.epoch}, checkpoint=True)
-                if tracker is not None:
-                    tracker.commit()  # as after a step's checkpoint: a redone epoch never logs twice
+                checkpointed = _checkpoint_now(wc, state, latest, tracker, plan.lr_factor)
+    if state.step > checkpointed:  # the run's end: its last steps, weights and metrics are committed too
+        checkpointed = _checkpoint_now(wc, state, latest, tracker, 0.0)
     if tracker is not None:
         tracker.flush()
     if split:
         handoff.send_control(handoff.Control(handoff.STOP, state.epoch, state.step, False, 0.0), partner, wc.device)
     return state
+
+
+def _checkpoint_now(wc: WorkerContext, state: ScheduleState, latest: dict[str, float], tracker: Any,
+                    lr_factor: float) -> int:
+    """A checkpoint between steps (an epoch's end, the run's end), reported with the last step's metrics
+    so Ray's result holds the final losses; the D partner of a split rank reports its own."""
+    if wc.placement.mode == "split":
+        handoff.send_control(handoff.Control(handoff.CHECKPOINT, state.epoch, state.step, True, lr_factor),
+                             wc.placement.partner(wc.rank), wc.device)
+    report(wc, state, {**latest, "step": state.step, "epoch": state.epoch}, checkpoint=True)
+    if tracker is not None:
+        tracker.commit()  # as after a step's checkpoint: a redone epoch never logs twice
+    return state.step
 
 
 def _checkpoint_due(cfg: Config, step: int) -> bool:
@@ -386,7 +410,8 @@ def discriminator_loop(wc: WorkerContext, state: ScheduleState) -> ScheduleState
         state.epoch, state.step = control.epoch, control.step + 1
         metrics = _metrics(state, None, d_terms, 0, time.perf_counter() - t0, d.optimizer.param_groups[0]["lr"],
                            wc.device)
-        report(wc, state, metrics, control.checkpoint)
+        if control.report:  # its G partner's cadence decided (every rank must make the same reports)
+            report(wc, state, metrics, control.checkpoint)
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
