@@ -86,8 +86,19 @@ def _path_part(location: str | os.PathLike) -> str:
 # pyarrow filesystems
 
 
-@functools.lru_cache(maxsize=32)
+# What pyarrow reads from the environment when it makes a filesystem: a filesystem made under other
+# values (another endpoint or account, e.g. a second S3 endpoint in the same process) is not reused.
+_FILESYSTEM_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION",
+                   "GOOGLE_APPLICATION_CREDENTIALS")
+
+
 def _filesystem_for(prefix: str):
+    return _cached_filesystem(prefix, tuple(os.environ.get(k) for k in _FILESYSTEM_ENV))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_filesystem(prefix: str, _environment: tuple):
     import pyarrow.fs as pafs
 
     return pafs.FileSystem.from_uri(prefix)[0]
