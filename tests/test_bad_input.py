@@ -17,7 +17,7 @@ from PIL import Image
 from vid2vid.config import DataConfig
 from vid2vid.datasets.labels import BadInput
 from vid2vid.datasets.prepare import PrepareError, plan, prepare
-from vid2vid.datasets.sources import Vid2VidFolders, VideoFiles
+from vid2vid.datasets.readers import Vid2VidFolders, VideoFiles
 from vid2vid.datasets.synthetic import make_sequence
 
 W, H = 64, 32

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from vid2vid.cli import main
-from vid2vid.config import Config, ConfigError, flatten, load_config, parse_resolution
+from vid2vid.config import (
+    Config,
+    ConfigError,
+    apply_mapping,
+    flatten,
+    load_config,
+    parse_overrides,
+    parse_resolution,
+    split_key_values,
+)
 
 
 def test_overrides_are_typed_and_apply_after_the_preset():
@@ -38,6 +47,20 @@ def test_bad_keys_and_values_name_the_key(arg, message):
     with pytest.raises(ConfigError) as err:
         load_config([arg])
     assert message in str(err.value)
+
+
+def test_one_tokenizer_bare_section_keys_and_the_commands_own_noun():
+    assert parse_overrides(["ngf=8", "name=x", "lr=1e-4", "train.lr=1e-4", "out=a=b"], default_section="model") == {
+        "model.ngf": 8, "name": "x", "lr": 1e-4, "train.lr": 1e-4, "out": "a=b"}  # lr is no model key
+    with pytest.raises(ConfigError, match="argument 'ngf' is not of the form key=value"):
+        split_key_values(["ngf"], noun="argument")
+
+
+def test_a_retired_key_in_an_old_config_file_is_skipped_but_is_no_override():
+    cfg = apply_mapping(Config(), {"train": {"sample_every": 100, "lr": 1e-3}})
+    assert cfg.train.lr == 1e-3 and "train.sample_every" not in flatten(cfg)
+    with pytest.raises(ConfigError, match="unknown key 'train.sample_every'"):
+        load_config(["train.sample_every=100"])
 
 
 def test_resolution_is_checked():

@@ -12,9 +12,9 @@ from PIL import Image
 from scipy import ndimage
 
 from vid2vid.config import DataConfig, load_config
-from vid2vid.datasets import face, shards
+from vid2vid.datasets import face, landmark_sources, shards
 from vid2vid.datasets.labels import BadInput, canny_edges
-from vid2vid.datasets.sources import SOURCES, detect_kind, make_source
+from vid2vid.datasets.registry import SOURCES, detect_kind, make_source
 
 SAMPLE_SEQ = "ZzTpJYDc62E_4_ZzTpJYDc62E_4"
 
@@ -113,8 +113,8 @@ def test_sketch_lines_pass_through_the_landmarks_and_nowhere_else():
     r = np.round(pts).astype(int)
     assert lit[r[:, 1], r[:, 0]].all()  # every landmark is on a line
     # every lit pixel lies within one pixel of a segment of some facial part
-    segs = [(pts[i], pts[i + 1]) for a, b, _ in face.FACE_PARTS.values() for i in range(a, b - 1)]
-    segs += [(pts[b - 1], pts[a]) for a, b, closed in face.FACE_PARTS.values() if closed]
+    segs = [(pts[i], pts[i + 1]) for a, b, _ in landmark_sources.FACE_PARTS.values() for i in range(a, b - 1)]
+    segs += [(pts[b - 1], pts[a]) for a, b, closed in landmark_sources.FACE_PARTS.values() if closed]
     ys, xs = np.nonzero(lit)
     p = np.stack([xs, ys], 1).astype(np.float64)
     nearest = np.min([_segment_distance(p, a, b) for a, b in segs], axis=0)
@@ -159,7 +159,7 @@ def test_face_window_keeps_the_target_aspect_and_stays_inside_the_frame():
     assert face.fit_window((-50, -50, 250, 250), 1.0, (120, 80)) == [40, 0, 120, 80]
     # pixel centres of the window's corners map to the target's corner pixel centres
     corners = np.array([[x0 + 0.5 * (x1 - x0) / 64 - 0.5, y0 + 0.5 * (y1 - y0) / 32 - 0.5]], np.float32)
-    np.testing.assert_allclose(face.to_window(corners, [x0, y0, x1, y1], (64, 32)), [[0, 0]], atol=1e-4)
+    np.testing.assert_allclose(landmark_sources.to_window(corners, [x0, y0, x1, y1], (64, 32)), [[0, 0]], atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_read_renders_the_crop_with_landmarks_in_target_pixels(tmp_path):
     x0, y0, x1, y1 = spec.params["window"]
     assert abs((x1 - x0) * 32 - (y1 - y0) * 48) <= 48  # target aspect, to a pixel
     raw = np.asarray(Image.open(spec.frames[1]).convert("RGB"))
-    np.testing.assert_array_equal(block.frames[0], face.crop_resize(raw, [x0, y0, x1, y1], (48, 32)))
+    np.testing.assert_array_equal(block.frames[0], landmark_sources.crop_resize(raw, [x0, y0, x1, y1], (48, 32)))
     pts = synthetic_face(41, 32, 14)  # frame 1's landmarks, mapped by hand
     mapped = np.stack([(pts[:, 0] + .5 - x0) * 48 / (x1 - x0) - .5, (pts[:, 1] + .5 - y0) * 32 / (y1 - y0) - .5], 1)
     r = np.round(mapped).astype(int)

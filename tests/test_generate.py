@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 from vid2vid.cli import main
-from vid2vid.config import ConfigError, load_config, to_dict
+from vid2vid.config import ConfigError, load_config, parse_command_args, to_dict
 from vid2vid.datasets.labels import BadInput, resize_nearest
-from vid2vid.generate.args import parse_args
 from vid2vid.generate.inference import GenerateArgs, StreamingGenerator, generate
 from vid2vid.generate.inputs import LabelFolder
 from vid2vid.generate.relabel import parse_relabel
@@ -160,13 +159,13 @@ def test_bad_label_id_names_the_file(tmp_path, capsys):
 
 
 def test_arguments_are_typed_and_unknown_keys_named(capsys, tmp_path):
-    a = parse_args(GenerateArgs, ["checkpoint=c", "input=i", "out=o.mp4", "style_class=7", "max_frames=5",
+    a = parse_command_args(GenerateArgs, ["checkpoint=c", "input=i", "out=o.mp4", "style_class=7", "max_frames=5",
                                   "side_by_side=true"])
     assert a.style_class == "7" and a.max_frames == 5 and a.side_by_side is True and a.style_seed is None
     with pytest.raises(ConfigError, match="max_frames: expected int"):
-        parse_args(GenerateArgs, ["checkpoint=c", "input=i", "out=o.mp4", "max_frames=many"])
+        parse_command_args(GenerateArgs, ["checkpoint=c", "input=i", "out=o.mp4", "max_frames=many"])
     with pytest.raises(ConfigError, match="missing required key.*out"):
-        parse_args(GenerateArgs, ["checkpoint=c", "input=i"])
+        parse_command_args(GenerateArgs, ["checkpoint=c", "input=i"])
     ckpt, _ = make_checkpoint(tmp_path)  # checkpoint= is looked up first (vid2vid.platform.locate)
     assert main(["generate", f"checkpoint={ckpt}", "input=i", "out=o.mp4", "bogus=1"]) == 2
     assert "unknown key 'bogus'" in capsys.readouterr().err

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from vid2vid.config import ModelConfig
-from vid2vid.datasets.sampling import compose_backward_flows, sample_video_window, video_window_flows
 from vid2vid.datasets.shards import Clip
 from vid2vid.models.adversarial import DiscriminatorSide, judge
 from vid2vid.models.objective import Objective
+from vid2vid.models.sampling import compose_backward_flows, sample_video_window, video_window_flows
 from vid2vid.models.vid2vid import GeneratorSide, count_parameters, generate_sequence, prepare_inputs
 from vid2vid.platform.step import PlainEngine, adversarial_inputs, colocated_step
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 from vid2vid.config import DataConfig, load_config
 from vid2vid.datasets import pose, shards
-from vid2vid.datasets.face import crop_resize
 from vid2vid.datasets.labels import BadInput
-from vid2vid.datasets.sources import SOURCES, detect_kind, make_source
+from vid2vid.datasets.landmark_sources import crop_resize
+from vid2vid.datasets.registry import SOURCES, detect_kind, make_source
 from vid2vid.models.face_crop import face_boxes
 
 SRC = (120, 90)  # synthetic source frames, W x H

@@ -15,14 +15,8 @@ from vid2vid.datasets.labels import (
     resize_nearest,
     validate_labels,
 )
-from vid2vid.datasets.sources import (
-    CityscapesRaw,
-    SyntheticScenes,
-    Vid2VidFolders,
-    VideoFiles,
-    detect_kind,
-    make_source,
-)
+from vid2vid.datasets.readers import CityscapesRaw, SyntheticScenes, Vid2VidFolders, VideoFiles
+from vid2vid.datasets.registry import detect_kind, make_source
 
 
 def centre_nearest(a: np.ndarray, w: int, h: int) -> np.ndarray:

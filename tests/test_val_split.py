@@ -11,7 +11,8 @@ from PIL import Image
 
 from vid2vid.config import ConfigError, DataConfig, load_config
 from vid2vid.datasets.prepare import PrepareError, prepare, with_val_split
-from vid2vid.datasets.sources import Listing, SequenceSpec, make_source
+from vid2vid.datasets.registry import make_source
+from vid2vid.datasets.sources import Listing, SequenceSpec
 from vid2vid.datasets.synthetic import make_sequence
 
 W, H = 64, 32

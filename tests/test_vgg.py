@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from vid2vid.config import ModelConfig
 from vid2vid.models.losses import VGG_LAYER_WEIGHTS, VGGLoss, downsample_for_vgg
-from vid2vid.models.vgg import VGG19, build_vgg_loss, load_vgg19
+from vid2vid.models.objective import build_vgg_loss
+from vid2vid.models.vgg import VGG19, load_vgg19
 
 # torchvision vgg19 `features`: conv indices and output widths (independent of the module's table).
 TV_CONVS = {0: 64, 2: 64, 5: 128, 7: 128, 10: 256, 12: 256, 14: 256, 16: 256,

@@ -12,23 +12,12 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from vid2vid.config import Config, load_config
+from vid2vid.config import Config, config_from_overrides, parse_overrides, split_key_values
 
 
 def _config(args: list[str], default_section: str | None = None) -> Config:
-    """Load a Config, prefixing bare keys with ``default_section`` when they belong to it."""
-    if default_section:
-        section_cls = type(getattr(Config(), default_section))
-        own = set(section_cls.__dataclass_fields__)
-        top = set(Config.__dataclass_fields__) | {"preset"}
-        fixed = []
-        for arg in args:
-            key = arg.split("=", 1)[0]
-            if "." not in key and key not in top and key in own:
-                arg = f"{default_section}.{arg}"
-            fixed.append(arg)
-        args = fixed
-    return load_config(args)
+    """Load a Config; bare keys of ``default_section`` are that section's (``ngf=8`` is ``model.ngf=8``)."""
+    return config_from_overrides(parse_overrides(args, default_section))
 
 
 def cmd_model_summary(args: list[str]) -> int:
@@ -86,18 +75,19 @@ def _checkpoint_args(command: str, args: list[str]) -> list[str]:
         return args
     from vid2vid.platform.locate import locate_checkpoint
 
+    # the noun the command's own parser would use for an argument that is not key=value
+    pairs = split_key_values(args, noun="override" if command == "evaluate" else "argument")
     where = {"run_dir": "runs", "tracking_uri": None}
     rest = []
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key in where:
-            where[key] = value
-            if key == "tracking_uri" and command == "evaluate":
-                rest.append(arg)
+    for arg, kv in zip(args, pairs, strict=True):
+        if kv.key in where:
+            where[kv.key] = kv.text
+            if kv.key == "tracking_uri" and command == "evaluate":
+                rest.append((arg, kv))
         else:
-            rest.append(arg)
-    return [f"checkpoint={locate_checkpoint(a.partition('=')[2], where['run_dir'], where['tracking_uri'])}"
-            if a.startswith("checkpoint=") else a for a in rest]
+            rest.append((arg, kv))
+    return [f"checkpoint={locate_checkpoint(kv.text, where['run_dir'], where['tracking_uri'])}"
+            if arg.startswith("checkpoint=") else arg for arg, kv in rest]
 
 
 def _handler(name: str) -> Callable[[list[str]], int]:

@@ -4,6 +4,10 @@ A run is described by :class:`Config` (model, data, train, eval sections). Prese
 under ``experiments/configs/``; ``key=value`` overrides on the command line address fields by dotted
 path (``model.ngf=64``, ``train.lr=1e-4``). Unknown keys and wrong types are errors that name the key
 and list the valid ones, so a typo never silently falls back to a default.
+
+This module owns the ``key=value`` syntax of every command: :func:`split_key_values` is the one tokenizer;
+config overrides (:func:`parse_overrides`), a command's own options (:func:`parse_command_args`), the
+sweep's axes and ``vid2vid evaluate``'s keys are read on top of it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from vid2vid.errors import UserError
 CITYSCAPES_FOREGROUND_IDS = (24, 25, 26, 27, 28, 31, 32, 33)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+# Keys that configs no longer have but files written before their removal (a checkpoint's config.json,
+# a preset) still hold: skipped there, so old checkpoints load; as an override they are unknown keys.
+RETIRED_KEYS = frozenset({"train.sample_every"})  # never read by any code
 
 
 class ConfigError(UserError, ValueError):
@@ -163,7 +171,6 @@ class TrainConfig:
     experiment: str = "vid2vid"
     tracking_uri: str | None = None  # default: sqlite under run_dir; MLFLOW_TRACKING_URI wins
     warm_start: str | None = None  # checkpoint of a lower-resolution run
-    sample_every: int = 0  # steps between sample videos; 0 = at the end only
     run_name: str | None = None  # default <name>-<timestamp>; an existing run's name resumes it
     allow_config_change: bool = False  # resume a run with a config that differs from its own (the diff is logged)
     progress_every_s: float = 10.0  # the driver's progress line: every step, but at most once per this many s
@@ -272,6 +279,8 @@ def _apply(obj: Any, key_path: str, value: Any, prefix: str = "") -> None:
         if not isinstance(value, dict):
             raise ConfigError(f"{full}: expected a mapping of its keys, got {value!r}")
         for k, v in value.items():
+            if f"{full}.{k}" in RETIRED_KEYS:  # in a config file written before the key went
+                continue
             _apply(getattr(obj, head), str(k), v, prefix=f"{full}.")
         return
     if rest:
@@ -287,22 +296,117 @@ def apply_mapping(cfg: Any, mapping: dict[str, Any]) -> Any:
     return cfg
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``["model.ngf=64", "train.lr=1e-4"]`` -> ``{"model.ngf": 64, "train.lr": 0.0001}``."""
-    out: dict[str, Any] = {}
+# ------------------------------------------------------------------------------------------------
+# key=value arguments: the one tokenizer of every command
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """One ``key=value`` argument as typed: the key stripped, the value's text untouched."""
+
+    key: str
+    text: str
+
+
+def split_key_values(args: list[str], noun: str = "override") -> list[KeyValue]:
+    """``["model.ngf=64", "out=a=b.mp4"]`` -> key/text pairs, split at the first ``=``.
+
+    Every command reads its arguments through here; what it then does with a key (a config override,
+    a sweep axis, a command option) is its own. ``noun`` names the argument in the error message.
+    """
+    pairs = []
     for arg in args:
         if "=" not in arg:
-            raise ConfigError(f"override {arg!r} is not of the form key=value")
+            raise ConfigError(f"{noun} {arg!r} is not of the form key=value")
         key, text = arg.split("=", 1)
-        value = yaml.safe_load(text) if text else ""
-        # YAML reads "1e-4" as a string; a number-looking string becomes a float.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in ".eE") else value
-            except ValueError:
-                pass
-        out[key.strip()] = value
+        pairs.append(KeyValue(key.strip(), text))
+    return pairs
+
+
+def yaml_value(text: str) -> Any:
+    """The YAML value of ``text`` (``""`` for an empty text, not YAML's None)."""
+    return yaml.safe_load(text) if text else ""
+
+
+def number_or_text(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` as a string (it wants ``1.0e-4``): a number-looking string becomes a float."""
+    if isinstance(value, str) and any(c in value for c in ".eE"):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def read_value(text: str) -> Any:
+    """A config override's typed value: YAML, with ``1e-4`` read as the float it means."""
+    return number_or_text(yaml_value(text))
+
+
+def parse_overrides(args: list[str], default_section: str | None = None) -> dict[str, Any]:
+    """``["model.ngf=64", "train.lr=1e-4"]`` -> ``{"model.ngf": 64, "train.lr": 0.0001}``.
+
+    With ``default_section``, that section's keys may come bare (``ngf=64`` means ``model.ngf=64``):
+    for the commands that address one section. Top-level keys (``name``, ``preset``) stay top-level.
+    """
+    own: set[str] = set()
+    if default_section:
+        own = set(type(getattr(Config(), default_section)).__dataclass_fields__)
+        own -= set(Config.__dataclass_fields__) | {"preset"}
+    out: dict[str, Any] = {}
+    for kv in split_key_values(args):
+        key = f"{default_section}.{kv.key}" if "." not in kv.key and kv.key in own else kv.key
+        out[key] = read_value(kv.text)
     return out
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _field_value(key: str, text: str, tp: Any) -> Any:
+    """A command option's value from its raw text, by the field's type (no YAML guessing)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.lower() in ("", "none", "null"):
+            return None
+        return _field_value(key, text, args[0])
+    if tp is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {text!r}")
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {text!r}") from None
+    return text
+
+
+def parse_command_args(cls: type, args: list[str]) -> Any:
+    """A command's own options (a dataclass ``cls``) from ``["key=value", ...]``.
+
+    The generation commands only read a checkpoint, so their few options are not run config: values are
+    converted from the raw text by the field's type (``style_class=7`` stays the string ``"7"`` for a
+    ``str`` field), an unknown key is an error that names it and lists the valid ones, and fields
+    without defaults are required.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for kv in split_key_values(args, noun="argument"):
+        if kv.key not in fields:
+            raise ConfigError(f"unknown key {kv.key!r}; valid keys: {', '.join(fields)}")
+        values[kv.key] = _field_value(kv.key, kv.text.strip(), hints[kv.key])
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key(s): {', '.join(missing)}")
+    return cls(**values)
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
@@ -333,7 +437,12 @@ def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
 
 def load_config(args: list[str] | None = None, cls: type = Config) -> Any:
     """Build a config from ``preset=NAME`` (optional) and ``key=value`` overrides, in that order."""
-    overrides = parse_overrides(args or [])
+    return config_from_overrides(parse_overrides(args or []), cls)
+
+
+def config_from_overrides(overrides: dict[str, Any], cls: type = Config) -> Any:
+    """Build a config from parsed overrides: ``preset`` (optional) first, then the rest in order."""
+    overrides = dict(overrides)
     cfg = cls()
     preset = overrides.pop("preset", None)
     if preset is not None:

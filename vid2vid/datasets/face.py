@@ -36,7 +36,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from vid2vid.datasets.labels import BadInput, canny_edges, resize_image, resize_nearest
+from vid2vid.datasets.labels import BadInput, canny_edges
+from vid2vid.datasets.landmark_sources import FACE_PARTS, crop_resize, files_by_stem, good_runs, run_name, to_window
 from vid2vid.datasets.sources import (
     IMAGE_EXTS,
     FrameBlock,
@@ -44,23 +45,17 @@ from vid2vid.datasets.sources import (
     Reject,
     SequenceSpec,
     Source,
-    _check_size,
-    _files,
-    _header_size,
-    _single_split,
-    _subdirs,
+    check_size,
     decode_image,
+    header_size,
+    list_files,
+    list_subdirs,
+    single_split,
 )
 
 LANDMARK_DIRS = ("landmarks-dlib68", "landmarks")
 LANDMARK_EXTS = {".json", ".txt", ".npy"}
 NUM_POINTS = 68
-# dlib 68-point parts: (first, last + 1, closed). OpenPose's 70-point face uses the same first 68.
-FACE_PARTS = {
-    "jaw": (0, 17, False), "brow_right": (17, 22, False), "brow_left": (22, 27, False),
-    "nose_bridge": (27, 31, False), "nose_base": (31, 36, False), "eye_right": (36, 42, True),
-    "eye_left": (42, 48, True), "lips_outer": (48, 60, True), "lips_inner": (60, 68, True),
-}
 FACE_CROP = 2.0  # crop window side / larger side of the sequence's landmark box (hair, neck, motion)
 FOREHEAD = 0.5  # forehead height / brow-to-chin height, to close the face region above the brows
 DIST_FRACTION = 1 / 16  # the distance channel reaches 0 at this fraction of the image height
@@ -174,55 +169,6 @@ def face_window(points: list[np.ndarray], aspect: float, src: tuple[int, int]) -
     return fit_window((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), aspect, src)
 
 
-def crop_resize(img: np.ndarray, window: list[int], size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Crop ``window`` out of ``img`` and resize it to ``size`` = (W, H) (area down / cubic up, or
-    nearest for maps whose values must not blend)."""
-    x0, y0, x1, y1 = window
-    part = np.ascontiguousarray(img[y0:y1, x0:x1])
-    return resize_nearest(part, size) if nearest else resize_image(part, size)
-
-
-def to_window(points: np.ndarray, window: list[int], size: tuple[int, int]) -> np.ndarray:
-    """Source-pixel points -> target-pixel points after cropping ``window`` and resizing to ``size``.
-
-    Pixel centres map to pixel centres: ``u' = (u + 0.5 - x0) * W / (x1 - x0) - 0.5``.
-    """
-    x0, y0, x1, y1 = window
-    w, h = size
-    out = np.empty_like(points, dtype=np.float32)
-    out[..., 0] = (points[..., 0] + 0.5 - x0) * w / (x1 - x0) - 0.5
-    out[..., 1] = (points[..., 1] + 0.5 - y0) * h / (y1 - y0) - 0.5
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# listing helpers shared with the pose source
-
-
-def files_by_stem(folder: Path, exts: set[str]) -> dict[str, Path]:
-    """``stem -> file`` of ``folder`` (empty when the folder does not exist)."""
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in _files(folder, exts)}
-
-
-def good_runs(ok: list[bool]) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each maximal run of True in ``ok``."""
-    runs, start = [], None
-    for i, good in enumerate([*ok, False]):
-        if good and start is None:
-            start = i
-        elif not good and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
-
-
-def run_name(seq: str, run: tuple[int, int], total: int) -> str:
-    """A sequence keeps its name when nothing was cut out of it; a run is named by its first frame."""
-    return seq if run == (0, total) else f"{seq}-f{run[0]:05d}"
-
-
 # ------------------------------------------------------------------------------------------------
 # the source
 
@@ -236,14 +182,14 @@ class FaceSketches(Source):
 
     def list(self) -> Listing:
         root = Path(self.cfg.source)
-        split = _single_split(self.cfg.split)
+        split = single_split(self.cfg.split)
         images = root / "images"
         lm_root = next((root / d for d in LANDMARK_DIRS if (root / d).is_dir()), None)
         if not images.is_dir() or lm_root is None:
             return Listing([], [Reject(str(root), f"face layout needs images/ and one of {list(LANDMARK_DIRS)} "
                                                   "(landmarks: see vid2vid.datasets.face.extract_landmarks)",
                                        split=split)])
-        dirs, rejects = _subdirs(images)
+        dirs, rejects = list_subdirs(images)
         for r in rejects:
             r.split = split
         seqs = []
@@ -255,7 +201,7 @@ class FaceSketches(Source):
         return Listing(seqs, rejects)
 
     def _list_one(self, split: str, seq_dir: Path, lm_dir: Path, rejects: list[Reject]) -> list[SequenceSpec]:
-        frames = _files(seq_dir, IMAGE_EXTS)
+        frames = list_files(seq_dir, IMAGE_EXTS)
         if not frames:
             raise BadInput(str(seq_dir), "empty folder: no frames")
         if not lm_dir.is_dir():
@@ -277,7 +223,7 @@ class FaceSketches(Source):
         if orphans:
             rejects.append(Reject(str(lm_dir), f"{len(orphans)} landmark files have no frame: {orphans[:5]}",
                                   split=split))
-        src = _header_size(str(frames[0]), 0)
+        src = header_size(str(frames[0]), 0)
         w, h = self.size
         specs = []
         for run in good_runs(ok):
@@ -295,7 +241,7 @@ class FaceSketches(Source):
         for t in range(start, stop):
             t0 = time.perf_counter()
             rgb = decode_image(spec.frames[t], offset + t, "rgb")
-            _check_size(rgb, src, spec.frames[t], offset + t, "frame")
+            check_size(rgb, src, spec.frames[t], offset + t, "frame")
             pts = read_landmarks(spec.labels[t], offset + t)
             t1 = time.perf_counter()
             frame = crop_resize(rgb, window, self.size)
@@ -361,7 +307,7 @@ def extract_landmarks(root: str | Path, predictor_path: str | Path | None = None
     for seq in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
         out = root / LANDMARK_DIRS[0] / seq.name
         out.mkdir(parents=True, exist_ok=True)
-        for i, f in enumerate(_files(seq, IMAGE_EXTS)):
+        for i, f in enumerate(list_files(seq, IMAGE_EXTS)):
             target = out / f"{f.stem}.json"
             if target.exists() and not overwrite:
                 summary.kept += 1

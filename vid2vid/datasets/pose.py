@@ -39,8 +39,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from vid2vid.datasets.face import FACE_PARTS, crop_resize, files_by_stem, good_runs, run_name, to_window
 from vid2vid.datasets.labels import BadInput, compact_instances
+from vid2vid.datasets.landmark_sources import FACE_PARTS, crop_resize, files_by_stem, good_runs, run_name, to_window
 from vid2vid.datasets.sources import (
     IMAGE_EXTS,
     FrameBlock,
@@ -48,12 +48,12 @@ from vid2vid.datasets.sources import (
     Reject,
     SequenceSpec,
     Source,
-    _check_size,
-    _header_size,
-    _single_split,
-    _subdirs,
+    check_size,
     decode_image,
+    header_size,
+    list_subdirs,
     load_image,
+    single_split,
 )
 
 DENSEPOSE, OPENPOSE, IMAGES, INSTANCES = "pose_maps-densepose", "poses-openpose", "images", "human_instance_maps"
@@ -247,10 +247,10 @@ class PoseMaps(Source):
 
     def list(self) -> Listing:
         root = Path(self.cfg.source)
-        split = _single_split(self.cfg.split)
+        split = single_split(self.cfg.split)
         if not (root / DENSEPOSE).is_dir() or not (root / OPENPOSE).is_dir():
             return Listing([], [Reject(str(root), f"pose layout needs {DENSEPOSE}/ and {OPENPOSE}/", split=split)])
-        dirs, rejects = _subdirs(root / DENSEPOSE)
+        dirs, rejects = list_subdirs(root / DENSEPOSE)
         for r in rejects:
             r.split = split
         seqs = []
@@ -286,7 +286,7 @@ class PoseMaps(Source):
                 rejects.append(Reject.from_error(err, split))
                 centres.append(None)
                 ok.append(False)
-        src = _header_size(str(dense[stems[0]]), 0)
+        src = header_size(str(dense[stems[0]]), 0)
         specs = []
         for a, b in good_runs(ok):
             run = stems[a:b]
@@ -313,11 +313,11 @@ class PoseMaps(Source):
             i = offset + t
             t0 = time.perf_counter()
             iuv = read_densepose(spec.labels[t], i)
-            _check_size(iuv, src, spec.labels[t], i, "DensePose map")
+            check_size(iuv, src, spec.labels[t], i, "DensePose map")
             people = read_openpose(spec.params["openpose"][t], i)
             rgb = decode_image(spec.frames[t], i, "rgb") if spec.frames else None
             if rgb is not None:
-                _check_size(rgb, src, spec.frames[t], i, "frame (vs its DensePose map)")
+                check_size(rgb, src, spec.frames[t], i, "frame (vs its DensePose map)")
             inst = compact_instances(decode_image(spec.instances[t], i, "instance"), spec.instances[t], i) \
                 if spec.instances else None
             t1 = time.perf_counter()
@@ -326,7 +326,7 @@ class PoseMaps(Source):
             if rgb is not None:
                 out["frames"].append(crop_resize(rgb, window, self.size))
             if inst is not None:
-                _check_size(inst, src, spec.instances[t], i, "instance map")
+                check_size(inst, src, spec.instances[t], i, "instance map")
                 out["instances"].append(crop_resize(inst, window, self.size, nearest=True))
             decode_s += t1 - t0
             resize_s += time.perf_counter() - t1

@@ -43,16 +43,9 @@ from vid2vid import storage
 from vid2vid.config import ConfigError, DataConfig, parse_resolution, validate
 from vid2vid.datasets import shards
 from vid2vid.datasets.labels import BadInput, instance_edges
-from vid2vid.datasets.sources import (
-    SOURCES,
-    CityscapesRaw,
-    FrameBlock,
-    Listing,
-    Reject,
-    SequenceSpec,
-    detect_kind,
-    make_source,
-)
+from vid2vid.datasets.readers import CityscapesRaw
+from vid2vid.datasets.registry import SOURCES, detect_kind, make_source
+from vid2vid.datasets.sources import FrameBlock, Listing, Reject, SequenceSpec
 from vid2vid.errors import UserError
 
 STAGES = ("list", "decode", "resize", "flow", "write")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from vid2vid.config import parse_command_args
 from vid2vid.errors import UserError
-from vid2vid.generate.args import parse_args
 
 
 def _run(name: str, body: Callable[[], str]) -> int:
@@ -27,7 +27,7 @@ def generate_command(args: list[str]) -> int:
     from vid2vid.generate.inference import GenerateArgs, generate
 
     def body() -> str:
-        r = generate(parse_args(GenerateArgs, args))
+        r = generate(parse_command_args(GenerateArgs, args))
         extra = "".join(f", {p}" for p in (r.side_by_side, r.png_dir) if p)
         return f"wrote {r.frames} frames to {r.out}{extra} ({r.frames_per_second:.2f} frames/s)"
 
@@ -38,7 +38,7 @@ def fit_styles_command(args: list[str]) -> int:
     from vid2vid.generate.styles import FitStylesArgs, fit_styles
 
     def body() -> str:
-        a = parse_args(FitStylesArgs, args)
+        a = parse_command_args(FitStylesArgs, args)
         r = fit_styles(a.checkpoint, a.shards, a.split, a.components, a.max_clips, a.max_per_class, a.seed,
                        out=a.out)
         return f"fitted {len(r.bank.classes)} class mixtures on {r.clips} clips -> {r.path}"
@@ -50,7 +50,7 @@ def predict_train_command(args: list[str]) -> int:
     from vid2vid.generate.predict import PredictTrainArgs, train_predictor
 
     def body() -> str:
-        r = train_predictor(parse_args(PredictTrainArgs, args))
+        r = train_predictor(parse_command_args(PredictTrainArgs, args))
         return f"trained the label predictor {r.steps} steps (loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}) -> {r.path}"
 
     return _run("predict-train", body)
@@ -60,7 +60,7 @@ def predict_command(args: list[str]) -> int:
     from vid2vid.generate.predict import PredictArgs, predict
 
     def body() -> str:
-        r = predict(parse_args(PredictArgs, args))
+        r = predict(parse_command_args(PredictArgs, args))
         return f"rendered {r.observed} observed + {r.predicted} predicted frames to {r.out}"
 
     return _run("predict", body)

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from vid2vid.config import ModelConfig
-from vid2vid.datasets.sampling import sample_image_indices, sample_video_window, video_window_flows
 from vid2vid.models.discriminators import DiscriminatorOutput, ImageDiscriminator, VideoDiscriminator, face_num_D
 from vid2vid.models.face_crop import FaceBoxes, crop, face_boxes
+from vid2vid.models.sampling import sample_image_indices, sample_video_window, video_window_flows
 from vid2vid.models.vid2vid import SequenceOutput
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -18,9 +19,12 @@ from torch import Tensor, nn
 from vid2vid.config import ModelConfig
 from vid2vid.models.adversarial import Judgement
 from vid2vid.models.discriminators import DiscriminatorOutput, face_num_D
-from vid2vid.models.losses import FeatureMatchingLoss, FlowLoss, GANLoss, MaskLoss, TemporalWarpLoss
-from vid2vid.models.vgg import build_vgg_loss
+from vid2vid.models.losses import FeatureMatchingLoss, FlowLoss, GANLoss, MaskLoss, TemporalWarpLoss, VGGLoss
+from vid2vid.models.vgg import PUBLIC_WEIGHTS, load_vgg19
 from vid2vid.models.vid2vid import SequenceOutput
+from vid2vid.weights import resolve
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +45,27 @@ class LossTerms:
 
     def __add__(self, other: LossTerms) -> LossTerms:
         return LossTerms({**self.terms, **other.terms})
+
+
+def build_vgg_loss(cfg: ModelConfig) -> VGGLoss | None:
+    """The VGG perceptual loss from ``cfg.vgg_weights``, or None (with a warning saying why) when no
+    weights are set or ``auto`` cannot download them (no network). A downloaded file whose checksum
+    does not match is an error, never a silent fallback.
+
+    Random VGG weights would make the "perceptual" loss a random-feature loss, so there is no
+    fallback: without a weights file the term is off, and the log says so and how to turn it on.
+    """
+    if not cfg.vgg_weights:
+        log.warning("model.vgg_weights is not set: VGG perceptual loss (lambda_vgg=%g) is OFF. Set "
+                    "model.vgg_weights=auto (downloads torchvision's %s once) or model.vgg_weights=/path/to/%s.",
+                    cfg.lambda_vgg, PUBLIC_WEIGHTS, PUBLIC_WEIGHTS)
+        return None
+    try:
+        path = resolve(cfg.vgg_weights, "vgg19", "model.vgg_weights")
+    except OSError as err:  # no network, a dead mirror: the run goes on without the term, and says so
+        log.warning("VGG perceptual loss is OFF: %s", err)
+        return None
+    return VGGLoss(load_vgg19(path), weight=cfg.lambda_vgg)
 
 
 class Objective(nn.Module):

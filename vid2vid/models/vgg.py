@@ -1,5 +1,8 @@
 """VGG19 feature extractor for the perceptual loss, loadable from torchvision's public weights.
 
+This module has the network and its weights loader only: the loss on top of it is
+:class:`vid2vid.models.losses.VGGLoss`, built from a config by :func:`vid2vid.models.objective.build_vgg_loss`.
+
 The module list reproduces torchvision's ``vgg19().features`` index by index, so the public file
 ``vgg19-dcbb9e9d.pth`` (keys ``features.0.weight`` ... ``features.34.bias`` plus ``classifier.*``)
 loads without renaming. Only the layers up to relu5_1 (index 29) are built: the perceptual loss
@@ -14,20 +17,12 @@ against the sha256 prefix torchvision publishes in its name: :mod:`vid2vid.weigh
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from vid2vid.errors import WeightsError
-
-if TYPE_CHECKING:  # avoid a runtime cycle: losses imports VGG19 from here
-    from vid2vid.config import ModelConfig
-    from vid2vid.models.losses import VGGLoss
-
-log = logging.getLogger(__name__)
 
 PUBLIC_WEIGHTS = "vgg19-dcbb9e9d.pth"  # torchvision's ImageNet VGG19 file name
 
@@ -135,27 +130,3 @@ def load_vgg19(path: str | Path) -> VGG19:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def build_vgg_loss(cfg: ModelConfig) -> VGGLoss | None:
-    """The VGG perceptual loss from ``cfg.vgg_weights``, or None (with a warning saying why) when no
-    weights are set or ``auto`` cannot download them (no network). A downloaded file whose checksum
-    does not match is an error, never a silent fallback.
-
-    Random VGG weights would make the "perceptual" loss a random-feature loss, so there is no
-    fallback: without a weights file the term is off, and the log says so and how to turn it on.
-    """
-    from vid2vid.models.losses import VGGLoss
-    from vid2vid.weights import resolve
-
-    if not cfg.vgg_weights:
-        log.warning("model.vgg_weights is not set: VGG perceptual loss (lambda_vgg=%g) is OFF. Set "
-                    "model.vgg_weights=auto (downloads torchvision's %s once) or model.vgg_weights=/path/to/%s.",
-                    cfg.lambda_vgg, PUBLIC_WEIGHTS, PUBLIC_WEIGHTS)
-        return None
-    try:
-        path = resolve(cfg.vgg_weights, "vgg19", "model.vgg_weights")
-    except OSError as err:  # no network, a dead mirror: the run goes on without the term, and says so
-        log.warning("VGG perceptual loss is OFF: %s", err)
-        return None
-    return VGGLoss(load_vgg19(path), weight=cfg.lambda_vgg)

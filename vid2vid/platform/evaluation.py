@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vid2vid import storage
-from vid2vid.config import Config, ConfigError, EvalConfig, apply_mapping, parse_overrides
+from vid2vid.config import Config, ConfigError, EvalConfig, apply_mapping, read_value, split_key_values
 from vid2vid.eval.service import EvalResult, checkpoint_step, evaluate_checkpoint, resolve_target
 from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from vid2vid.platform.warm_start import CONFIG, WEIGHTS, load_config, weights_path
@@ -211,17 +211,16 @@ def evaluate_command(args: list[str]) -> int:
     from vid2vid.platform.trainer import ensure_ray
 
     opts = {"checkpoint": None, "shards": None, "step": None, "run_id": None, "tracking_uri": None}
-    overrides = []
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key in opts:
-            opts[key] = value
+    overrides = {}
+    for kv in split_key_values(args):
+        if kv.key in opts:
+            opts[kv.key] = kv.text
         else:
-            overrides.append(arg if "." in key else f"eval.{arg}")
+            overrides[kv.key if "." in kv.key else f"eval.{kv.key}"] = read_value(kv.text)
     if not opts["checkpoint"] or not opts["shards"]:
         raise ConfigError("checkpoint= and shards=DIR are required (checkpoint: a checkpoint folder, a run folder, "
                           "a run name or an MLflow run id)")
-    cfg = apply_mapping(load_config(opts["checkpoint"]), parse_overrides(overrides))
+    cfg = apply_mapping(load_config(opts["checkpoint"]), overrides)
     ensure_ray()
     res = evaluate_checkpoint(opts["checkpoint"], opts["shards"], cfg.eval,
                               step=None if opts["step"] is None else int(opts["step"]),

@@ -44,9 +44,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from vid2vid.config import Config, ConfigError, apply_mapping, flatten, load_config, to_dict
+from vid2vid.config import (
+    Config,
+    ConfigError,
+    apply_mapping,
+    config_from_overrides,
+    flatten,
+    number_or_text,
+    read_value,
+    split_key_values,
+    to_dict,
+    yaml_value,
+)
 from vid2vid.platform.compare import (
     LossHistory,
     TrialRecord,
@@ -455,34 +464,21 @@ def parse_sweep_args(args: list[str]) -> tuple[Config, SweepConfig]:
     """
     fields = SweepConfig.__dataclass_fields__
     sweep = SweepConfig()
-    rest = []
-    for arg in args:
-        if "=" not in arg:
-            raise ConfigError(f"argument {arg!r} is not of the form key=value")
-        key, text = arg.split("=", 1)
-        key = key.removeprefix("sweep.")
+    overrides: dict[str, Any] = {}
+    for kv in split_key_values(args, noun="argument"):
+        key = kv.key.removeprefix("sweep.")
         if key.startswith("grid."):
-            values = yaml.safe_load(text)
+            values = yaml_value(kv.text)
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"{key}: expected a non-empty list such as [1, 2], got {text!r}")
-            sweep.grid[key[len("grid."):]] = [_number(v) for v in values]
+                raise ConfigError(f"{key}: expected a non-empty list such as [1, 2], got {kv.text!r}")
+            sweep.grid[key[len("grid."):]] = [number_or_text(v) for v in values]
         elif key in fields and key != "grid":
-            setattr(sweep, key, _sweep_value(key, yaml.safe_load(text) if text else ""))
+            setattr(sweep, key, _sweep_value(key, yaml_value(kv.text)))
         else:
-            rest.append(arg)
+            overrides[kv.key] = read_value(kv.text)
     for v in sweep.variants:
         variant_overrides(v)
-    return load_config(rest), sweep
-
-
-def _number(value: Any) -> Any:
-    """YAML reads ``1e-4`` as a string (it wants ``1.0e-4``); read it as the float it means."""
-    if isinstance(value, str) and any(c in value for c in ".eE"):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    return config_from_overrides(overrides), sweep
 
 
 def _sweep_value(key: str, value: Any) -> Any:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vid2vid.models.warp import warp
+
 
 def sample_image_indices(num_frames: int, count: int, generator: torch.Generator | None = None) -> list[int]:
     """phi_I: ``count`` distinct frame indices drawn uniformly from ``range(num_frames)``."""
@@ -52,8 +54,6 @@ def compose_backward_flows(flows: Tensor, first: int, last: int) -> Tensor:
     consecutive flow is sampled where the accumulated flow points. This replaces the reference's
     re-run of FlowNet2 on skipped frames, since flow is computed once at preparation time.
     """
-    from vid2vid.models.warp import warp
-
     if not 0 <= first < last < flows.shape[1]:
         raise ValueError(f"compose_backward_flows: need 0 <= first < last < {flows.shape[1]}, got {first}, {last}")
     acc = flows[:, last]
