@@ -39,14 +39,6 @@ if set(FEATURE_METRICS) & set(TEMPORAL_METRICS) or set(FEATURE_METRICS) & set(TE
     raise RuntimeError("metric registry: a name is defined twice")
 
 
-def list_valid_metrics() -> list[str]:
-    return [*FEATURE_METRICS, *TEMPORAL_METRICS]
-
-
-def is_valid_metric(name: str) -> bool:
-    return name in FEATURE_METRICS or name in TEMPORAL_METRICS
-
-
 def metric_name(base: str, random_weights: bool) -> str:
     """MLflow name of a metric: ``base`` for real weights, ``random_weights/<base>`` otherwise.
 
