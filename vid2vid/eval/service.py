@@ -29,7 +29,7 @@ net without weights (or whose download failed) is skipped and ``EvalResult.skipp
 test weights need ``eval.allow_random_weights=true``; their metrics are named ``random_weights/eval/...``.
 
 This module only computes. Recording the result in the training run (MLflow) is the platform's
-(``vid2vid.platform.evaluation``).
+(``platform/evaluation.py``), which calls this one.
 """
 
 from __future__ import annotations
