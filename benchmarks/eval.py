@@ -81,9 +81,10 @@ def work_spec(ckpt: Path, shards: Path, ev: EvalConfig):
     from vid2vid.datasets.shards import load_manifest
     from vid2vid.eval import service
     from vid2vid.eval.clips import plan_clips
-    from vid2vid.eval.extract import metrics_for
+    from vid2vid.eval.metric_utils import FAKE
+    from vid2vid.eval.metrics import metrics_for
     from vid2vid.eval.preprocess import SIZES
-    from vid2vid.eval.worker import FAKE, WorkerSpec
+    from vid2vid.eval.worker import WorkerSpec
 
     plan = plan_clips(shards, ev.num_clips, ev.clip_len, ev.split)
     nets, _ = service.select_nets(ev)
@@ -112,7 +113,7 @@ class PlainLoop:
     sides of the comparison (the halves' mean time is what the service's time is compared with)."""
 
     def __init__(self, ckpt: Path, shards: Path, ev: EvalConfig, cpus: int):
-        from vid2vid.eval import service
+        from vid2vid.eval.metric_utils import Totals
         from vid2vid.eval.worker import EvaluateClips
 
         self.plan, self.nets, self.metrics, self.keys, self.spec = work_spec(ckpt, shards, ev)
@@ -121,7 +122,7 @@ class PlainLoop:
         t0 = time.perf_counter()
         self.worker = EvaluateClips(self.spec)
         self.fixed = time.perf_counter() - t0
-        self.totals = service._Totals()
+        self.totals = Totals()
         self.batch_s: list[float] = []  # seconds of each batch of ev.batch_size clips
 
     def batches(self) -> list[range]:
@@ -141,13 +142,12 @@ class PlainLoop:
 
     def finish(self) -> tuple[float, dict]:
         """(Fréchet seconds, metrics)."""
-        from vid2vid.eval import service
-        from vid2vid.eval.worker import FAKE
+        from vid2vid.eval.metric_utils import FAKE, frechet_values, temporal_values
 
         t0 = time.perf_counter()
-        values, _, _ = service._frechet(self.totals, self.metrics, [FAKE], self.keys, Path(self.ev.stats_cache_dir),
-                                        self.nets, self.ev)
-        values.update(service._temporal(self.totals, [FAKE], {}))
+        values = frechet_values(self.totals, self.metrics, [FAKE], self.keys, Path(self.ev.stats_cache_dir),
+                                {n: s.random for n, s in self.nets.items()}, self.ev.bootstrap).values
+        values.update(temporal_values(self.totals, [FAKE], {}))
         return time.perf_counter() - t0, values
 
 
@@ -178,7 +178,7 @@ def frechet_2048(repeats: int = 1) -> tuple[float, float, float]:
 def main(argv: list[str]) -> int:
     import ray
 
-    from vid2vid.eval.service import evaluate_checkpoint
+    from vid2vid.platform.evaluation import evaluate_and_log
 
     opts = {"clips": 64, "frames": 16, "resolution": "128x64", "cpus": 2, **parse_overrides(argv)}
     clips, frames, cpus = int(opts["clips"]), int(opts["frames"]), int(opts["cpus"])
@@ -208,7 +208,7 @@ def main(argv: list[str]) -> int:
         half = len(batches) // 2
         p_first = plain.run(batches[:half])  # plain, first half of the clips
         torch.set_num_threads(cpus)
-        res = evaluate_checkpoint(ckpt, tmp / "shards", ev, step=1, tracking_uri=uri, cpus_per_actor=1.0)
+        res = evaluate_and_log(ckpt, tmp / "shards", ev, step=1, tracking_uri=uri, cpus_per_actor=1.0)
         torch.set_num_threads(cpus)
         p_second = plain.run(batches[half:])  # plain, second half
         p_frechet, p_values = plain.finish()

@@ -21,14 +21,16 @@ from vid2vid.datasets.flow import FlowEstimator
 from vid2vid.datasets.prepare import prepare
 from vid2vid.datasets.shards import ShardError, iter_clips
 from vid2vid.eval.clips import choose_split, encode_segment, plan_clips, read_segment, to_uint8_frames, warp_terms
-from vid2vid.eval.extract import FeatureExtractor, frames_to_input
 from vid2vid.eval.feature_nets import load_feature_net, save_random_weights
 from vid2vid.eval.frechet import GaussianStats, StreamingStats, frechet_distance
-from vid2vid.eval.service import _pool, checkpoint_step, evaluate_checkpoint, resolve_target, select_nets
+from vid2vid.eval.metric_utils import FeatureExtractor, frames_to_input
+from vid2vid.eval.service import _pool, checkpoint_step, evaluate_checkpoint, select_nets
 from vid2vid.eval.temporal import warping_error
 from vid2vid.eval.worker import style_seed_of
 from vid2vid.generate.styles import StyleBank, StyleSampler
 from vid2vid.models.vid2vid import GeneratorSide, generate_sequence, prepare_inputs
+from vid2vid.platform.eval_records import resolve_target
+from vid2vid.platform.evaluation import evaluate_and_log
 from vid2vid.platform.tracking import Tracker
 from vid2vid.platform.warm_start import load_generator
 
@@ -236,7 +238,7 @@ def test_service_logs_every_metric_with_clips_and_interval_into_the_training_run
     ev = EvalConfig(i3d_weights=str(weights["i3d"]), styleganv_i3d_weights=str(weights["i3d_styleganv"]),
                     resnext_weights=str(weights["resnext101"]), allow_random_weights=True, num_clips=0, clip_len=8,
                     batch_size=2, bootstrap=100)
-    res = evaluate_checkpoint(ckpt, shards, ev, step=7, tracking_uri=uri, input_sizes=SIZES)
+    res = evaluate_and_log(ckpt, shards, ev, step=7, tracking_uri=uri, input_sizes=SIZES)
     assert res.run_id == run_id, "the run id comes from mlflow_run_id.txt beside the checkpoints"
     assert (res.split, res.num_clips, res.clip_frames, res.real_clips_extracted) == ("val", 2, 8, 2)
 
@@ -283,8 +285,9 @@ def test_service_logs_every_metric_with_clips_and_interval_into_the_training_run
                             StreamingStats().update(fake_fvd).finalize())
     assert history["random_weights/eval/fvd"][0][1] == pytest.approx(want, rel=1e-3)
 
-    # A second evaluation reads the real statistics from the cache: no real clip goes through the nets.
-    again = evaluate_checkpoint(ckpt, shards, ev, step=8, tracking_uri=uri, input_sizes=SIZES, log_to_mlflow=False)
+    # A second evaluation (computed only, not logged) reads the real statistics from the cache: no real
+    # clip goes through the nets.
+    again = evaluate_checkpoint(ckpt, shards, ev, step=8, input_sizes=SIZES)
     assert again.real_clips_extracted == 0
     assert again.metrics["random_weights/eval/fvd"] == pytest.approx(history["random_weights/eval/fvd"][0][1])
 

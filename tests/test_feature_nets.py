@@ -18,10 +18,10 @@ from vid2vid.eval.feature_nets import (
     _randomise,
     build_feature_net,
     load_feature_net,
-    metric_name,
     save_random_weights,
 )
 from vid2vid.eval.i3d import _same_pad
+from vid2vid.eval.metrics import metric_name
 from vid2vid.eval.preprocess import KENSHOHARA_MEAN, preprocess_clips
 
 PUBLIC = {  # name -> (parameters, keys with BN counters, BN layers, shapes that must match)

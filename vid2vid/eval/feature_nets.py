@@ -24,7 +24,8 @@ Metric policy: :func:`load_feature_net` needs a real file; there is no random-we
 a missing file is an error whose message says which file to supply (:func:`missing_weights_message`).
 Random weights exist for tests only, written by :func:`save_random_weights` in the public format
 plus a sidecar marker; a net loaded from such a file has ``net.random_weights = True``, and any metric
-computed from it must be logged under :func:`metric_name` (``random_weights/<name>``), never as FID.
+computed from it must be logged under :func:`vid2vid.eval.metrics.metric_name` (``random_weights/<name>``),
+never as FID.
 """
 
 from __future__ import annotations
@@ -91,15 +92,6 @@ def missing_weights_message(name: str) -> str:
     spec = SPECS[name]
     return (f"{name} features not computed: no weights file. Supply {spec.config_key}=auto (downloads "
             f"{spec.public_file} once) or {spec.config_key}=/path/to/{spec.public_file} ({spec.source}).")
-
-
-def metric_name(base: str, random_weights: bool) -> str:
-    """MLflow name of a metric: ``base`` for real weights, ``random_weights/<base>`` otherwise.
-
-    Metrics from random feature nets only prove the pipeline runs; the prefix puts them in their own
-    MLflow group, so they can never be read (or plotted, or compared) as a real FID.
-    """
-    return f"{RANDOM_WEIGHTS_PREFIX}{base}" if random_weights else base
 
 
 def is_random_weights_file(path: str | Path) -> bool:

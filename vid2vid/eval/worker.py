@@ -27,16 +27,14 @@ from vid2vid.eval.clips import (
     stored_flow_valid,
     style_features,
     to_uint8_frames,
-    warp_terms,
 )
-from vid2vid.eval.extract import METRICS, FeatureExtractor
-from vid2vid.eval.temporal import backward_flows, tof_terms
+from vid2vid.eval.metric_utils import FAKE, REAL, RECON, FeatureExtractor
+from vid2vid.eval.metrics import FEATURE_METRICS, TEMPORAL_COLUMNS, TEMPORAL_FAMILIES
+from vid2vid.eval.metrics.spec import ClipSample
+from vid2vid.eval.temporal import backward_flows
 from vid2vid.weights import WeightsSource, fetch, sha256_file
 
 log = logging.getLogger("vid2vid.eval")
-
-FAKE, RECON, REAL = "fake", "recon", "real"  # row kinds: sampled styles (or a plain model), E's features, data
-
 
 @dataclass(frozen=True)
 class WeightsRef:
@@ -75,7 +73,7 @@ class WorkerSpec:
 
     checkpoint_dir: str
     weights: dict[str, WeightsRef]  # net -> weights
-    metrics: list[str]  # feature metrics (extract.METRICS)
+    metrics: list[str]  # Fréchet metrics (metrics.FEATURE_METRICS)
     real_metrics: list[str]  # metrics whose real statistics are not cached yet
     sizes: dict[str, int]
     fid_frame: str
@@ -93,9 +91,9 @@ def style_seed_of(base: int, index: int) -> int:
 
 
 class EvaluateClips:
-    """Ray Data UDF: ``{"index", "segment"}`` rows -> one row per (clip, kind) with each metric's
-    feature column and ``<metric>_valid``, and on generated rows ``warp``/``warp_real``/``warp_mass``
-    (warping error of the generated and the real clip, and its weight) and ``tof``/``tof_pairs``."""
+    """Ray Data UDF: ``{"index", "segment"}`` rows -> one row per (clip, kind) with each Fréchet
+    metric's feature column and ``<metric>_valid``, and on generated rows each temporal family's
+    columns (``metrics.TEMPORAL_COLUMNS``: 0 on real rows)."""
 
     def __init__(self, spec: WorkerSpec):
         from vid2vid.platform.warm_start import load_generator
@@ -150,18 +148,16 @@ class EvaluateClips:
             fake_u8 = to_uint8_frames(fake)
             feats = self.features(fake_u8) if self.features else {}
             for i, index in enumerate(indices):
-                err, mass = warp_terms(fake, clip, i)
-                err_real, _ = warp_terms(clip.frames, clip, i)
-                tof, pairs = (tof_terms(fake_u8[i], *real_flows[i], self.flow) if self.flow else (0.0, 0))
-                self._row(rows, index, kind, {m: v[i] for m, v in feats.items()},
-                          warp=err, warp_real=err_real, warp_mass=mass, tof=tof, tof_pairs=pairs)
+                sample = ClipSample(fake, clip, i, fake_u8[i], *real_flows[i], self.flow)
+                terms = {k: v for family in TEMPORAL_FAMILIES for k, v in family.measure(sample).items()}
+                self._row(rows, index, kind, {m: v[i] for m, v in feats.items()}, **terms)
         if self.spec.real_metrics and self.features:
             feats = self.features(real_u8, self.spec.real_metrics)
             for i, index in enumerate(indices):
                 self._row(rows, index, REAL, {m: v[i] for m, v in feats.items()})
         rows["startup_s"] = [self.startup_s] + [0.0] * (len(rows["index"]) - 1)
         self.startup_s = 0.0
-        return {k: np.stack(v) if k in METRICS else np.asarray(v) for k, v in rows.items()}
+        return {k: np.stack(v) if k in FEATURE_METRICS else np.asarray(v) for k, v in rows.items()}
 
     def _real_flows(self, clip, real_u8: np.ndarray, segments: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per clip (backward flows (T, H, W, 2), valid (T,)) of the real frames, for tOF."""
@@ -183,7 +179,7 @@ class EvaluateClips:
         rows["kind"].append(kind)
         for m in self.spec.metrics:
             have = m in feats
-            rows[m].append(feats[m] if have else np.zeros(METRICS[m].dim, np.float32))
+            rows[m].append(feats[m] if have else np.zeros(FEATURE_METRICS[m].dim, np.float32))
             rows[f"{m}_valid"].append(have)
-        for key in ("warp", "warp_real", "warp_mass", "tof", "tof_pairs"):
+        for key in TEMPORAL_COLUMNS:
             rows[key].append(float(scalars.get(key, 0.0)))

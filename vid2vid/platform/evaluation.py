@@ -19,9 +19,11 @@ queue in order on a background thread, and when it falls behind by more than ``m
 checkpoints it drops the oldest queued ones (logged). The last checkpoint of a run is evaluated
 there too, so skip ``evaluate_run`` after training when the evaluator ran beside it.
 
-The run id comes from ``mlflow_run_id.txt`` beside the checkpoints, which the trainer writes before
-training starts. The evaluation pools need free resources: on a cluster whose every GPU trains,
-evaluations queue until GPUs free up (training still never waits).
+Each evaluation is computed by :func:`vid2vid.eval.service.evaluate_checkpoint` and recorded here
+(:func:`evaluate_and_log`, with ``eval_records.py``). The run id comes from ``mlflow_run_id.txt`` beside
+the checkpoints, which the trainer writes before training starts. The evaluation pools need free
+resources: on a cluster whose every GPU trains, evaluations queue until GPUs free up (training still
+never waits).
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from vid2vid import storage
 from vid2vid.config import Config, ConfigError, EvalConfig, apply_mapping, read_value, split_key_values
-from vid2vid.eval.service import EvalResult, checkpoint_step, evaluate_checkpoint, resolve_target
+from vid2vid.eval.service import checkpoint_step, evaluate_checkpoint
 from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+from vid2vid.platform.eval_records import EvalRecord, log_to_run, resolve_target
 from vid2vid.platform.warm_start import CONFIG, WEIGHTS, load_config, weights_path
 
 log = logging.getLogger("vid2vid.eval")
@@ -45,13 +49,36 @@ STAGE_TIMEOUT_S = 60
 STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_MANIFEST, "styles.npz")  # styles: a multimodal model's
 
 
+def evaluate_and_log(checkpoint_dir: str | Path, shards: str | Path, eval_cfg: EvalConfig | None = None, *,
+                     step: int | None = None, run_id: str | None = None, tracking_uri: str | None = None,
+                     run_dir: str | Path | None = None, **service_kwargs) -> EvalRecord:
+    """Evaluate one checkpoint and log the metrics to its training run at its training step.
+
+    ``run_id`` and ``tracking_uri`` override the training run's (:func:`eval_records.resolve_target`);
+    ``run_dir`` the local folder of the statistics cache and the tracking journal. ``service_kwargs``
+    go to :func:`evaluate_checkpoint` (``input_sizes``, ``actors``, ``cpus_per_actor``).
+    """
+    checkpoint_dir = storage.normalize(checkpoint_dir)  # a folder or a URI
+    cfg = load_config(checkpoint_dir)
+    target = resolve_target(checkpoint_dir, cfg, run_id, tracking_uri)
+    if run_dir is not None:
+        target = replace(target, run_dir=Path(run_dir))
+    result = evaluate_checkpoint(checkpoint_dir, shards, eval_cfg, step=step, run_dir=target.run_dir,
+                                 **service_kwargs)
+    t0 = time.perf_counter()
+    logged_to = log_to_run(result, target, cfg, checkpoint_dir)
+    result.timings["mlflow"] = time.perf_counter() - t0
+    result.seconds += result.timings["mlflow"]
+    return EvalRecord.of(result, logged_to, target.tracking_uri)
+
+
 def evaluate_run(cfg: Config, result: Any, shards: str | Path) -> dict[str, float]:
     """Evaluate a finished run's last checkpoint (``TrainResult``) into its own MLflow run; no
     metrics when the run saved no checkpoint."""
     if result.checkpoint is None:
         return {}
-    out = evaluate_checkpoint(result.checkpoint, shards, cfg.eval, run_id=result.mlflow_run_id,
-                              tracking_uri=result.tracking_uri)
+    out = evaluate_and_log(result.checkpoint, shards, cfg.eval, run_id=result.mlflow_run_id,
+                           tracking_uri=result.tracking_uri)
     return out.metrics
 
 
@@ -66,7 +93,7 @@ class Evaluator:
         self.kwargs = service_kwargs or {}
         self.stage = Path(stage_dir or tempfile.mkdtemp(prefix="vid2vid-eval-"))
         self.pending: list[dict[str, Any]] = []
-        self.results: list[EvalResult] = []
+        self.results: list[EvalRecord] = []
         self.errors: list[str] = []
         self.busy = False
         self.cond = threading.Condition()
@@ -113,8 +140,8 @@ class Evaluator:
                 self.busy = True
             try:
                 t = job["target"]
-                res = evaluate_checkpoint(job["dir"], self.shards, self.eval_cfg, step=job["step"], run_id=t.run_id,
-                                          tracking_uri=t.tracking_uri, run_dir=t.run_dir, **self.kwargs)
+                res = evaluate_and_log(job["dir"], self.shards, self.eval_cfg, step=job["step"], run_id=t.run_id,
+                                       tracking_uri=t.tracking_uri, run_dir=t.run_dir, **self.kwargs)
                 with self.cond:
                     self.results.append(res)
             except Exception as exc:  # noqa: BLE001 - logged; the next checkpoint is still evaluated
@@ -143,7 +170,7 @@ class EvaluatorHandle:
         """Queue a checkpoint; returns an ObjectRef at once (``ray.get`` it for the staging outcome)."""
         return self.actor.submit.remote(str(checkpoint_dir), step)
 
-    def wait(self, timeout_s: float | None = None, poll_s: float = 0.5) -> list[EvalResult]:
+    def wait(self, timeout_s: float | None = None, poll_s: float = 0.5) -> list[EvalRecord]:
         """Block until every queued checkpoint is evaluated (or ``timeout_s``); all results so far."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not (rep := self.report())["idle"] and (deadline is None or time.monotonic() < deadline):
@@ -222,14 +249,14 @@ def evaluate_command(args: list[str]) -> int:
                           "a run name or an MLflow run id)")
     cfg = apply_mapping(load_config(opts["checkpoint"]), overrides)
     ensure_ray()
-    res = evaluate_checkpoint(opts["checkpoint"], opts["shards"], cfg.eval,
-                              step=None if opts["step"] is None else int(opts["step"]),
-                              run_id=opts["run_id"], tracking_uri=opts["tracking_uri"])
+    res = evaluate_and_log(opts["checkpoint"], opts["shards"], cfg.eval,
+                           step=None if opts["step"] is None else int(opts["step"]),
+                           run_id=opts["run_id"], tracking_uri=opts["tracking_uri"])
     print(format_result(res))
     return 0
 
 
-def format_result(res: EvalResult) -> str:
+def format_result(res: EvalRecord) -> str:
     """One line per metric; a Fréchet distance with its 95% interval and clip count."""
     lines = [f"evaluation at step {res.step}: {res.num_clips} clips x {res.clip_frames} frames, "
              f"{res.split} split, {res.seconds:.1f} s"]
@@ -240,7 +267,7 @@ def format_result(res: EvalResult) -> str:
         ci = "" if est is None or est.low is None else f"  95% [{est.low:.4g}, {est.high:.4g}], {est.clips} clips"
         lines.append(f"  {k:<32} {v:.6g}{ci}")
     lines += [f"  not computed: {k}: {why}" for k, why in sorted(res.skipped.items())]
-    lines += [f"  warning: {k}: {why}" for k, why in sorted(res.tags.items()) if k.startswith("eval/small_n/")]
+    lines += [f"  warning: eval/small_n/{m}: {why}" for m, why in sorted(res.small_n.items())]
     lines.append(f"  MLflow run {res.run_id} at {res.tracking_uri}")
     return "\n".join(lines)
 

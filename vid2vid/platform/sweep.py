@@ -257,15 +257,15 @@ def _evaluate(cfg: Config, result, ctx: dict[str, Any]) -> dict[str, float]:
     """The eval service on the final checkpoint; it logs into the child run itself. Metrics it cannot
     compute (no feature-net weights given) are skipped there, with a tag saying which file to supply."""
     try:
-        from vid2vid.eval.service import evaluate_checkpoint
+        from vid2vid.platform.evaluation import evaluate_and_log
     except ImportError:  # the service is optional at import time: training results still count
         log.warning("vid2vid.eval.service is not available; trial %s is not evaluated", cfg.train.run_name)
         return {}
     opts = ctx["options"]
-    ev = evaluate_checkpoint(result.checkpoint, ctx["shards"], cfg.eval, run_id=result.mlflow_run_id,
-                             tracking_uri=result.tracking_uri, run_dir=cfg.train.run_dir,
-                             input_sizes=opts.get("eval_input_sizes") or None, actors=1,
-                             cpus_per_actor=opts["eval_cpus_per_actor"])
+    ev = evaluate_and_log(result.checkpoint, ctx["shards"], cfg.eval, run_id=result.mlflow_run_id,
+                          tracking_uri=result.tracking_uri, run_dir=cfg.train.run_dir,
+                          input_sizes=opts.get("eval_input_sizes") or None, actors=1,
+                          cpus_per_actor=opts["eval_cpus_per_actor"])
     return dict(ev.metrics)
 
 
