@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from vid2vid import storage
+from vid2vid.checkpoints import RUN_ID_FILE, checkpoint_step, load_config, read_run_id
 from vid2vid.config import EvalConfig
 from vid2vid.datasets.shards import MANIFEST as SHARDS_MANIFEST
 from vid2vid.datasets.shards import check_model_fits, load_manifest
@@ -64,10 +65,7 @@ from vid2vid.eval.frechet import (
 )
 from vid2vid.eval.preprocess import SIZES, protocol
 from vid2vid.eval.worker import FAKE, REAL, RECON, EvaluateClips, TofFlow, WeightsRef, WorkerSpec
-from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from vid2vid.platform.checkpoint import read_manifest
-from vid2vid.platform.tracking import RUN_ID_FILE, Tracker, read_run_id, resolve_tracking_uri
-from vid2vid.platform.warm_start import load_config
+from vid2vid.platform.tracking import Tracker, resolve_tracking_uri
 from vid2vid.weights import parse_source, resolve, sha256_file
 
 log = logging.getLogger("vid2vid.eval")
@@ -112,17 +110,6 @@ class NetSpec:
 
 # ------------------------------------------------------------------------------------------------
 # Where the results go
-
-
-def checkpoint_step(checkpoint_dir: str | Path, step: int | None = None) -> int:
-    """``step`` if given, else the training step saved in the checkpoint's ``vid2vid-checkpoint.json``."""
-    if step is not None:
-        return int(step)
-    try:
-        return int(read_manifest(checkpoint_dir)["state"]["step"])
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{checkpoint_dir}: no {CHECKPOINT_MANIFEST} to read the training step from; "
-                                f"pass step=N") from None
 
 
 def resolve_target(checkpoint_dir: str | Path, cfg, run_id: str | None = None,

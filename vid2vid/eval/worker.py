@@ -98,7 +98,7 @@ class EvaluateClips:
     (warping error of the generated and the real clip, and its weight) and ``tof``/``tof_pairs``."""
 
     def __init__(self, spec: WorkerSpec):
-        from vid2vid.platform.warm_start import load_generator
+        from vid2vid.checkpoints import load_generator
 
         started = time.perf_counter()
         torch.set_num_threads(max(1, spec.threads))

@@ -35,14 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from vid2vid import storage
+from vid2vid.checkpoints import CONFIG, MANIFEST, WEIGHTS, checkpoint_step, load_config, weights_path
 from vid2vid.config import Config, ConfigError, EvalConfig, apply_mapping, parse_overrides
-from vid2vid.eval.service import EvalResult, checkpoint_step, evaluate_checkpoint, resolve_target
-from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from vid2vid.platform.warm_start import CONFIG, WEIGHTS, load_config, weights_path
+from vid2vid.eval.service import EvalResult, evaluate_checkpoint, resolve_target
 
 log = logging.getLogger("vid2vid.eval")
 STAGE_TIMEOUT_S = 60
-STAGED = (CONFIG, f"generator/{WEIGHTS}", CHECKPOINT_MANIFEST, "styles.npz")  # styles: a multimodal model's
+STAGED = (CONFIG, f"generator/{WEIGHTS}", MANIFEST, "styles.npz")  # styles: a multimodal model's
 
 
 def evaluate_run(cfg: Config, result: Any, shards: str | Path) -> dict[str, float]:
