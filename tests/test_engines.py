@@ -18,8 +18,9 @@ import torch.distributed as dist
 from spawn import spawn_collect
 from torch import nn
 
+from vid2vid.checkpoints import decode_rng, encode_rng, read_rank_state
 from vid2vid.config import TrainConfig
-from vid2vid.platform.checkpoint import decode_rng, encode_rng, read_checkpoint, read_rank_state, write_checkpoint
+from vid2vid.platform.checkpointer import read_checkpoint, write_checkpoint
 from vid2vid.platform.engines import (
     UnsafeCheckpointError,
     build_engine,

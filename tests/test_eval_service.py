@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from vid2vid.checkpoints import checkpoint_step, load_generator
 from vid2vid.config import EvalConfig, load_config, to_dict
 from vid2vid.datasets.flow import FlowEstimator
 from vid2vid.datasets.prepare import prepare
@@ -24,7 +25,7 @@ from vid2vid.eval.clips import choose_split, encode_segment, plan_clips, read_se
 from vid2vid.eval.feature_nets import load_feature_net, save_random_weights
 from vid2vid.eval.frechet import GaussianStats, StreamingStats, frechet_distance
 from vid2vid.eval.metric_utils import FeatureExtractor, frames_to_input
-from vid2vid.eval.service import _pool, checkpoint_step, evaluate_checkpoint, select_nets
+from vid2vid.eval.service import _pool, evaluate_checkpoint, select_nets
 from vid2vid.eval.temporal import warping_error
 from vid2vid.eval.worker import style_seed_of
 from vid2vid.generate.styles import StyleBank, StyleSampler
@@ -32,7 +33,6 @@ from vid2vid.models.vid2vid import GeneratorSide, generate_sequence, prepare_inp
 from vid2vid.platform.eval_records import resolve_target
 from vid2vid.platform.evaluation import evaluate_and_log
 from vid2vid.platform.tracking import Tracker
-from vid2vid.platform.warm_start import load_generator
 
 # 2 training sequences and 2 unseen validation sequences (the smoke preset's synthetic_val_sequences)
 SMOKE = ["preset=smoke", "data.synthetic_sequences=2", "data.synthetic_frames=8", "data.clip_len=4"]

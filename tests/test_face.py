@@ -292,9 +292,9 @@ def generate_video(checkpoint: Path, shard_dir: Path, out: Path) -> tuple[int, i
     """
     import av
 
+    from vid2vid.checkpoints import load_generator
     from vid2vid.media import to_uint8, write_video
     from vid2vid.models.vid2vid import generate_sequence, prepare_inputs
-    from vid2vid.platform.warm_start import load_generator
 
     cfg, gen = load_generator(checkpoint)
     clip = next(shards.iter_clips(shard_dir))

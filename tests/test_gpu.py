@@ -24,7 +24,7 @@ from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.objective import Objective
 from vid2vid.models.vgg import VGG19
 from vid2vid.models.vid2vid import GeneratorSide
-from vid2vid.platform.checkpoint import read_checkpoint, write_checkpoint
+from vid2vid.platform.checkpointer import read_checkpoint, write_checkpoint
 from vid2vid.platform.engines import build_engine, forward_precision
 from vid2vid.platform.step import PlainEngine, colocated_step
 

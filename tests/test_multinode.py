@@ -220,16 +220,14 @@ def test_a_job_on_three_nodes_loses_its_training_node_and_finishes_on_another(tm
             placement.workers
 
         # checkpoints complete in the shared run_dir (S3), the last one at the last step
-        from vid2vid.platform.checkpoint import read_manifest
-        from vid2vid.platform.tracking import read_run_id
-        from vid2vid.platform.warm_start import load_generator
+        from vid2vid.checkpoints import load_generator, read_manifest, read_run_id
 
         run_folder = storage.join(run_dir, "ray", RUN)
         manifests = sorted(p for p in storage.list_files(run_folder) if p.endswith("vid2vid-checkpoint.json"))
-        last = max(manifests, key=lambda p: read_manifest(storage.parent(p))["state"]["step"])
+        last = max(manifests, key=lambda p: read_manifest(storage.parent(p)).step)
         last_dir = storage.parent(last)
-        assert read_manifest(last_dir)["state"]["step"] == MAX_STEPS
-        assert read_manifest(last_dir)["engines"] == ["discriminator", "generator"]
+        assert read_manifest(last_dir).step == MAX_STEPS
+        assert read_manifest(last_dir).engines == ["discriminator", "generator"]
         files = [p[len(last_dir) + 1:] for p in storage.list_files(last_dir)]
         assert {"config.json", "generator/weights.pt", "discriminator/weights.pt"} <= set(files), files
         assert any(f.startswith("generator/state/") for f in files) and any(f.startswith("discriminator/state/")

@@ -42,8 +42,8 @@ def test_a_throttled_run_reports_checkpoints_and_its_end_to_ray_and_every_step_o
     (Ranks agreeing on reports: the test below; test_train's 2-worker warm-start run goes through it.)"""
     import mlflow
 
+    from vid2vid.checkpoints import read_state
     from vid2vid.datasets.prepare import prepare
-    from vid2vid.platform.checkpoint import read_state
     from vid2vid.platform.trainer import train
 
     cfg = load_config([*RUN, f"data.out={tmp_path / 'shards'}", f"train.run_dir={tmp_path}"])

@@ -15,10 +15,11 @@ import pytest
 from services import environ, s3_endpoint
 
 from vid2vid import storage
+from vid2vid.checkpoints import RUN_ID_FILE, read_run_id
 from vid2vid.config import load_config
 from vid2vid.datasets import shards
 from vid2vid.datasets.prepare import prepare
-from vid2vid.platform.tracking import RUN_ID_FILE, Tracker, read_run_id, resolve_tracking_uri
+from vid2vid.platform.tracking import Tracker, resolve_tracking_uri
 
 SMOKE = ["preset=smoke", "data.synthetic_sequences=2", "data.synthetic_frames=8", "data.clip_len=4",
          "data.rows_per_shard=1", "data.flow_actors=1"]
@@ -150,14 +151,14 @@ def test_prepare_to_a_file_uri_then_ray_data_streams_the_same_clips(ray_cluster,
 
 
 def test_a_resume_at_s3_is_checked_against_the_config_kept_there(tmp_path, s3, monkeypatch):
-    """The run folder's config (resume.py) and a checkpoint named by URI (locate.py, warm_start.py)
+    """The run folder's config (resume.py) and a checkpoint named by URI (locate.py, checkpoints.py)
     are read from S3 itself, not from a ``Path`` that would turn ``s3://b/k`` into ``s3:/b/k``."""
+    from vid2vid.checkpoints import CONFIG
+    from vid2vid.checkpoints import load_config as checkpoint_config
     from vid2vid.config import ConfigError
     from vid2vid.errors import CheckpointError
     from vid2vid.platform.locate import locate_checkpoint
     from vid2vid.platform.resume import check_resume, previous_config, record_config
-    from vid2vid.platform.warm_start import CONFIG
-    from vid2vid.platform.warm_start import load_config as checkpoint_config
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = s3.uri("runs", "ray", "r2")

@@ -168,7 +168,7 @@ def test_generate_with_style_seed_is_reproducible(fitted, tmp_path):
 
 def test_generator_receives_the_sampled_features(fitted):
     ckpt, shards, result = fitted
-    from vid2vid.platform.warm_start import load_generator
+    from vid2vid.checkpoints import load_generator
 
     cfg, gen = load_generator(ckpt)
     seen = []

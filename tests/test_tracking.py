@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from vid2vid.checkpoints import RUN_ID_FILE
 from vid2vid.platform.tracking import (
     MAX_PARAM_VALUE,
     REJECTED_FILE,
-    RUN_ID_FILE,
     TRACKING_DIR,
     Tracker,
     is_connection_error,

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from services import mlflow_server
 
+from vid2vid.checkpoints import read_run_id
 from vid2vid.config import load_config
 from vid2vid.datasets.prepare import prepare
 from vid2vid.platform.journal import TRACKING_DIR, RunJournal, find_journals
-from vid2vid.platform.tracking import read_run_id
 
 pytestmark = pytest.mark.ray
 

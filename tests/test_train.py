@@ -16,13 +16,13 @@ import mlflow
 import pytest
 import torch
 
+from vid2vid.checkpoints import save_weights
 from vid2vid.config import load_config
 from vid2vid.datasets.prepare import prepare
 from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.vid2vid import GeneratorSide
 from vid2vid.platform.engines import load_weights_only
 from vid2vid.platform.trainer import train
-from vid2vid.platform.warm_start import save_weights
 from vid2vid.platform.worker import build_sides
 
 pytestmark = pytest.mark.ray

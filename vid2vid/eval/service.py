@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vid2vid import storage
+from vid2vid.checkpoints import checkpoint_step, load_config
 from vid2vid.config import EvalConfig
 from vid2vid.datasets.shards import MANIFEST as SHARDS_MANIFEST
 from vid2vid.datasets.shards import check_model_fits, load_manifest
@@ -53,9 +54,6 @@ from vid2vid.eval.metric_utils import FAKE, RECON, Totals, frechet_values, tempo
 from vid2vid.eval.metrics import FEATURE_METRICS, NET_SETTINGS, FeatureMetric, metrics_for, too_small
 from vid2vid.eval.preprocess import SIZES, protocol
 from vid2vid.eval.worker import EvaluateClips, TofFlow, WeightsRef, WorkerSpec
-from vid2vid.platform.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from vid2vid.platform.checkpoint import read_manifest
-from vid2vid.platform.warm_start import load_config
 from vid2vid.weights import parse_source, resolve, sha256_file
 
 log = logging.getLogger("vid2vid.eval")
@@ -95,17 +93,6 @@ class NetSpec:
 
 # ------------------------------------------------------------------------------------------------
 # Where the checkpoint comes from
-
-
-def checkpoint_step(checkpoint_dir: str | Path, step: int | None = None) -> int:
-    """``step`` if given, else the training step saved in the checkpoint's ``vid2vid-checkpoint.json``."""
-    if step is not None:
-        return int(step)
-    try:
-        return int(read_manifest(checkpoint_dir)["state"]["step"])
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{checkpoint_dir}: no {CHECKPOINT_MANIFEST} to read the training step from; "
-                                f"pass step=N") from None
 
 
 def training_run_dir(checkpoint_dir: str | Path, cfg) -> str:

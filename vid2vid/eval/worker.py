@@ -96,7 +96,7 @@ class EvaluateClips:
     columns (``metrics.TEMPORAL_COLUMNS``: 0 on real rows)."""
 
     def __init__(self, spec: WorkerSpec):
-        from vid2vid.platform.warm_start import load_generator
+        from vid2vid.checkpoints import load_generator
 
         started = time.perf_counter()
         torch.set_num_threads(max(1, spec.threads))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vid2vid.checkpoints import load_generator
 from vid2vid.config import ModelConfig
 from vid2vid.generate.inputs import SourceFrame, open_input
 from vid2vid.generate.relabel import class_id, parse_relabel, relabel_table
@@ -159,8 +160,6 @@ def render(streamer: StreamingGenerator, frames: Iterable[SourceFrame], sink: Fr
 
 def load_model(checkpoint: str | Path, device: str = "cpu"):
     """(config, generator side in eval mode) of a checkpoint, checked against its own resolution."""
-    from vid2vid.platform.warm_start import load_generator
-
     cfg, gen = load_generator(checkpoint, device)
     w, h = cfg.data.size
     m = gen.generator.size_multiple

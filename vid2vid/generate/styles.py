@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vid2vid.checkpoints import load_generator
 from vid2vid.models.encoder import OBJECT_KEY, object_ids
 from vid2vid.storage import local_path
 
@@ -110,7 +111,6 @@ def fit_styles(checkpoint: str | Path, shards: str | Path, split: str = "train",
                out: str | Path | None = None) -> FitStylesResult:
     """Fit and save (default ``<checkpoint>/styles.npz``) one mixture per class seen in the shards."""
     from vid2vid.datasets.shards import iter_clips
-    from vid2vid.platform.warm_start import load_generator
 
     cfg, gen = load_generator(checkpoint)
     if gen.encoder is None:

@@ -207,7 +207,7 @@ def save_engines(directory: str | Path, engines: Mapping[str, Any], client_state
 
     Every rank of an engine's data-parallel group must call this: each writes its own ZeRO shard.
     ``client_state`` is stored with every engine (the training loop keeps its state in the
-    checkpoint manifest instead, see :mod:`vid2vid.platform.checkpoint`).
+    checkpoint manifest instead, see :mod:`vid2vid.checkpoints`).
     """
     directory = Path(directory)
     if not engines:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from vid2vid import storage
+from vid2vid.checkpoints import RUN_ID_FILE, read_run_id
 from vid2vid.eval.service import EvalResult, training_run_dir
-from vid2vid.platform.tracking import RUN_ID_FILE, Tracker, read_run_id, resolve_tracking_uri
+from vid2vid.platform.tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger("vid2vid.eval")
 

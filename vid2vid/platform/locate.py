@@ -2,42 +2,30 @@
 
 A training run keeps its checkpoints in ``<train.run_dir>/ray/<run name>/checkpoint_*`` (Ray Train's
 layout); each holds ``config.json``, ``<side>/weights.pt`` and ``vid2vid-checkpoint.json`` with the
-training step. :func:`locate_checkpoint` turns any of the four spellings into one checkpoint folder,
-the latest (highest step) when it is given a run, and says which spelling it could not find.
+training step (the format: :mod:`vid2vid.checkpoints`). :func:`locate_checkpoint` turns any of the
+four spellings into one checkpoint folder, the latest (highest step) when it is given a run, and says
+which spelling it could not find.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from vid2vid import storage
+from vid2vid.checkpoints import CONFIG, RUN_ID_FILE, complete_checkpoint_step
 from vid2vid.errors import CheckpointError
-from vid2vid.platform.tracking import RUN_ID_FILE, resolve_tracking_uri
+from vid2vid.platform.tracking import resolve_tracking_uri
 
 CHECKPOINT_GLOB = "checkpoint_*"
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
 SPELLINGS = "a checkpoint folder, a run folder, a run name under train.run_dir, or an MLflow run id"
 
 
-def checkpoint_step(folder: Path) -> int | None:
-    """The training step saved in a complete checkpoint folder; None when it is not one."""
-    from vid2vid.platform.checkpoint import MANIFEST  # imported here: it pulls in torch
-    from vid2vid.platform.warm_start import CONFIG
-
-    if not (folder / CONFIG).is_file():
-        return None
-    try:
-        return int(json.loads((folder / MANIFEST).read_text())["state"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def latest_checkpoint(run_folder: str | Path) -> Path | None:
     """The complete checkpoint of ``run_folder`` with the highest step (the newest name breaks ties)."""
     found = [(step, p.name, p) for p in Path(run_folder).glob(CHECKPOINT_GLOB)
-             if p.is_dir() and (step := checkpoint_step(p)) is not None]
+             if p.is_dir() and (step := complete_checkpoint_step(p)) is not None]
     return max(found)[2] if found else None
 
 
@@ -60,9 +48,9 @@ def _from_mlflow(run_id: str, run_dir: Path, tracking_uri: str | None) -> Path |
         raise CheckpointError(f"checkpoint={run_id}: no MLflow run with that id at {uri} "
                               f"(give tracking_uri= or MLFLOW_TRACKING_URI for another store)") from None
     tagged = run.data.tags.get("checkpoint")
-    if tagged and storage.is_remote(tagged) and storage.is_file(storage.join(tagged, "config.json")):
+    if tagged and storage.is_remote(tagged) and storage.is_file(storage.join(tagged, CONFIG)):
         return tagged  # a checkpoint of a URI run_dir (s3://...)
-    if tagged and checkpoint_step(Path(tagged)) is not None:
+    if tagged and complete_checkpoint_step(Path(tagged)) is not None:
         return Path(tagged)
     for base in dict.fromkeys([run_dir, Path(run.data.params.get("train.run_dir", run_dir))]):
         folder = base / "ray" / (run.info.run_name or "")
@@ -78,18 +66,18 @@ def locate_checkpoint(text: str, run_dir: str | Path = "runs", tracking_uri: str
     if not str(text).strip():
         raise CheckpointError(f"checkpoint= is empty; give {SPELLINGS}")
     if storage.is_remote(text):
-        if storage.is_file(storage.join(text, "config.json")):
+        if storage.is_file(storage.join(text, CONFIG)):
             return storage.normalize(text)
-        raise CheckpointError(f"checkpoint={text}: no config.json there; a URI must name a checkpoint folder "
+        raise CheckpointError(f"checkpoint={text}: no {CONFIG} there; a URI must name a checkpoint folder "
                               f"(<run_dir>/ray/<run>/checkpoint_*), not a run")
     path = Path(text).expanduser()
     run_dir = Path(run_dir)
     if path.is_dir():
-        if (path / "config.json").is_file():  # warm_start.CONFIG, spelled out so a bad path fails without torch
+        if (path / CONFIG).is_file():
             return path
         if is_run_folder(path):
             return _from_run_folder(path, text)
-        raise CheckpointError(f"checkpoint={text}: {path} is neither a checkpoint (no config.json) nor a run "
+        raise CheckpointError(f"checkpoint={text}: {path} is neither a checkpoint (no {CONFIG}) nor a run "
                               f"folder (no {CHECKPOINT_GLOB} inside)")
     if path.exists():
         raise CheckpointError(f"checkpoint={text}: {path} is a file; give {SPELLINGS}")

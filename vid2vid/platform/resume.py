@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vid2vid import storage
+from vid2vid.checkpoints import CONFIG
 from vid2vid.config import Config, ConfigError, flatten, to_dict
 
 RUN_CONFIG = "vid2vid-run-config.json"
@@ -45,7 +46,7 @@ def previous_config(run_folder: str | Path) -> dict[str, Any] | None:
         # runs from before RUN_CONFIG: only local ones (URI run folders came with it)
         folder = None if storage.is_remote(run_folder) else storage.local_path(run_folder, "run folder")
         latest = latest_checkpoint(folder) if folder is not None and folder.is_dir() else None
-        path = str(latest / "config.json") if latest is not None else None
+        path = str(latest / CONFIG) if latest is not None else None
     if path is None:
         return None
     try:

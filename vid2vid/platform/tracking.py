@@ -38,19 +38,8 @@ from vid2vid.platform.mlflow_records import (
     replay_journal,
 )
 
-RUN_ID_FILE = "mlflow_run_id.txt"  # the trainer keeps a run's MLflow run id beside its checkpoints
-
-__all__ = ["MAX_PARAM_VALUE", "REJECTED_FILE", "RUN_ID_FILE", "TRACKING_DIR", "ReplayReport", "Tracker",
-           "is_connection_error", "read_run_id", "replay_journal", "resolve_tracking_uri"]
-
-
-def read_run_id(run_folder: str | Path) -> str | None:
-    """The MLflow run id kept in ``<run_dir>/ray/<run_name>/mlflow_run_id.txt`` (run_dir may be a URI),
-    None when absent or empty."""
-    try:
-        return storage.read_text(storage.join(run_folder, RUN_ID_FILE)).strip() or None
-    except FileNotFoundError:
-        return None
+__all__ = ["MAX_PARAM_VALUE", "REJECTED_FILE", "TRACKING_DIR", "ReplayReport", "Tracker",
+           "is_connection_error", "replay_journal", "resolve_tracking_uri"]
 
 
 def resolve_tracking_uri(tracking_uri: str | None, run_dir: str | Path) -> str:

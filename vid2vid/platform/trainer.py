@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from vid2vid import storage
+from vid2vid.checkpoints import read_run_id, run_id_path
 from vid2vid.config import Config, flatten, to_dict
 from vid2vid.console import is_verbose, quiet_ray_driver, quiet_ray_worker
 from vid2vid.platform.placement import plan_placement
 from vid2vid.platform.progress import Progress, StepPlan, plan_steps
 from vid2vid.platform.resume import check_resume, record_config
-from vid2vid.platform.tracking import RUN_ID_FILE, read_run_id
 
 log = logging.getLogger("vid2vid.train")
 
@@ -142,7 +142,7 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
     resumed_run_id = read_run_id(run_folder)
     tracker = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=run_name,
                       run_id=resumed_run_id, run_dir=run_dir, key=run_name, writer="driver",
-                      parent_key=parent_key, run_id_file=storage.join(run_folder, RUN_ID_FILE),  # written once known
+                      parent_key=parent_key, run_id_file=run_id_path(run_folder),  # written once known
                       tags={"placement": cfg.train.placement, "preset": cfg.name, **(extra_tags or {}),
                             **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
     if resumed_run_id is None:  # MLflow params are write-once; a resumed run keeps its original ones

@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-from vid2vid.config import Config, apply_mapping, to_dict
+from vid2vid.checkpoints import (
+    decode_rng,
+    encode_rng,
+    load_matching,
+    read_rank_state,
+    read_state,
+    save_config,
+    save_weights,
+)
+from vid2vid.config import Config, apply_mapping
 from vid2vid.datasets.shards import Clip
 from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.objective import LossTerms, Objective
@@ -33,7 +42,6 @@ from vid2vid.platform.engines import build_engine, forward_precision, frozen, re
 from vid2vid.platform.placement import Placement, make_groups, plan_placement
 from vid2vid.platform.schedule import EpochPlan, ScheduleState, plan_epoch
 from vid2vid.platform.step import adversarial_inputs, colocated_step, generate_for_training
-from vid2vid.platform.warm_start import CONFIG, load_matching, save_weights
 
 log = logging.getLogger("vid2vid.train")
 
@@ -117,8 +125,6 @@ def setup(cfg: Config, resume_dir: str | None = None) -> WorkerContext:
     import ray.train
     import ray.train.torch
 
-    from vid2vid.platform.checkpoint import read_state
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
@@ -139,7 +145,7 @@ def setup(cfg: Config, resume_dir: str | None = None) -> WorkerContext:
 def restore(wc: WorkerContext, resume_dir: str | None) -> ScheduleState:
     """Weights, Adam states, schedule, data position and phi draws of the checkpoint (a fresh state
     without one)."""
-    from vid2vid.platform.checkpoint import decode_rng, read_checkpoint, read_rank_state
+    from vid2vid.platform.checkpointer import read_checkpoint
 
     if resume_dir is None:
         return ScheduleState(coarse_frozen=initial_coarse_frozen(wc.cfg))
@@ -162,7 +168,7 @@ def save(wc: WorkerContext, state: ScheduleState, metrics: dict[str, float]) -> 
     """Every rank writes what it owns into a local directory and reports it; Ray merges them."""
     import ray.train
 
-    from vid2vid.platform.checkpoint import encode_rng, write_checkpoint
+    from vid2vid.platform.checkpointer import write_checkpoint
 
     rank_state = None if wc.rng is None else {"rng": encode_rng(wc.rng)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +178,7 @@ def save(wc: WorkerContext, state: ScheduleState, metrics: dict[str, float]) -> 
             if wc.rank == min(wc.placement.group_ranks(wc.rank)):
                 save_weights(tmp, name, engine.module)
         if wc.rank == 0:
-            (Path(tmp) / CONFIG).write_text(json.dumps(to_dict(wc.cfg), indent=1))
+            save_config(tmp, wc.cfg)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
