@@ -276,11 +276,18 @@ def train_step(wc: WorkerContext, state: ScheduleState, plan: EpochPlan, index: 
     wc.last_clip, wc.last_step = clip, state.step
     metrics = step_metrics(wc, state, wc.cfg.train.lr * plan.lr_factor, result.generator, result.discriminator,
                            clip.labels.shape[0] * n, seconds)
+    publish(wc, state, {**metrics, **generator_rank_metrics(wc, clip, seconds)}, order, reporting)
+
+
+def generator_rank_metrics(wc: WorkerContext, clip: Clip, seconds: float) -> dict[str, float]:
+    """Which clip the step read, and what a process reports once: the restored weights' checksum after
+    a resume, its startup durations with its first step."""
+    m = {}
     if wc.restored_checksum is not None:
-        metrics["restored/g_weight_abs_sum"], wc.restored_checksum = wc.restored_checksum, None
-    metrics["clip_index"] = float(clip.clip_index[0]) if clip.clip_index is not None else -1.0
-    metrics.update(startup.first_step_metrics(wc.fit_time, seconds))
-    publish(wc, state, metrics, order, reporting)
+        m["restored/g_weight_abs_sum"], wc.restored_checksum = wc.restored_checksum, None
+    m["clip_index"] = float(clip.clip_index[0]) if clip.clip_index is not None else -1.0
+    m.update(startup.first_step_metrics(wc.fit_time, seconds))
+    return m
 
 
 def finish(wc: WorkerContext, state: ScheduleState, reporting: Reporting) -> ScheduleState:
