@@ -159,7 +159,7 @@ def biases_cancelled_by_a_norm(module: torch.nn.Module) -> set[str]:
 
 
 def test_split_placement_trains_like_colocated(progressive):
-    """The real split worker code (hand-off, split_generator_step, discriminator_loop) on 1 G + 1 D rank
+    """The real split worker code (hand-off, SplitGeneratorStep, discriminator_loop) on 1 G + 1 D rank
     against one colocated rank, same clips and seeds, through 4 steps of the progressive schedule (the
     unfreeze rebuilds G's engine, clips grow from 2 to 4 frames): same G and D weights, same losses."""
     runs = {p: progressive(p, killed=False)[0] for p in ("colocated", "split")}
