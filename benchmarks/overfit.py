@@ -19,8 +19,10 @@ from vid2vid.config import Config, load_config
 from vid2vid.datasets.shards import Clip, iter_clips
 from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.objective import Objective
-from vid2vid.models.vid2vid import GeneratorSide
-from vid2vid.platform.step import PlainEngine, colocated_step, generate_for_training
+from vid2vid.models.vid2vid import GeneratorSide, generate_sequence
+from vid2vid.training.engine import PlainEngine
+from vid2vid.training.inputs import clip_inputs
+from vid2vid.training.step import colocated_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,16 +43,9 @@ def one_real_clip(sample: Path, out: Path, frames: int = 6) -> tuple[Config, Cli
 
 def l1_grey(g: GeneratorSide, cfg: Config, clip: Clip) -> float:
     with torch.no_grad():
-        seq = generate_for_training(_Module(g), cfg.model, clip, clip.num_frames)
+        prepared = clip_inputs(cfg.model, clip, clip.num_frames, encoder=g)
+        seq = generate_sequence(g, cfg.model, prepared.inputs, clip.num_frames)
     return float((seq.frames - clip.frames).abs().mean()) * 127.5
-
-
-class _Module:
-    def __init__(self, m):
-        self.module = m
-
-    def __call__(self, *a, **k):
-        return self.module(*a, **k)
 
 
 def overfit(cfg: Config, clip: Clip, steps: int, every: int = 50, lr: float = 2e-4) -> list[tuple[int, float]]:

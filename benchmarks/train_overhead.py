@@ -55,8 +55,8 @@ class PlainLoop:
         from mlflow.tracking import MlflowClient
 
         from vid2vid.models.objective import Objective
-        from vid2vid.platform.step import PlainEngine
-        from vid2vid.platform.worker import build_sides
+        from vid2vid.training.engine import PlainEngine
+        from vid2vid.training.sides import build_sides
 
         g, d = build_sides(cfg, "both", torch.device("cpu"))
         adam = lambda m: torch.optim.Adam(m.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))  # noqa: E731
@@ -78,7 +78,7 @@ class PlainLoop:
             yield from iter_clips(self.shards, "train")
 
     def step(self, clip) -> dict[str, float]:
-        from vid2vid.platform.step import colocated_step
+        from vid2vid.training.step import colocated_step
 
         r = colocated_step(self.g, self.d, self.objective, self.cfg.model, clip, self.cfg.train.n_frames_total,
                            self.rng)
@@ -114,33 +114,34 @@ class PlainLoop:
         return time.perf_counter() - t_start
 
 
-def measure(payload: dict) -> None:
-    """The Ray Train worker: paired steps, then the platform's loop with a plain interval after each
-    checkpoint commit. Writes its timings to ``payload["out"]/timings.json``."""
+def measure(payload, bench: dict) -> None:
+    """The Ray Train worker (``payload``: the platform's WorkerPayload): paired steps, then the
+    platform's loop with a plain interval after each checkpoint commit. Writes its timings to
+    ``bench["out"]/timings.json``."""
     import torch
 
     from vid2vid.datasets.shards import iter_clips
     from vid2vid.platform import worker
-    from vid2vid.platform.step import colocated_step
-    from vid2vid.platform.tracking import Tracker
+    from vid2vid.platform.tracking import CommittedMetrics, Tracker
+    from vid2vid.training.step import colocated_step
 
-    cfg = worker.config_from_dict(payload["config"])
+    cfg = payload.train_config()
     wc = worker.setup(cfg)
     state = worker.restore(wc, None)
-    wc.clip_len = payload["clip_len"]
-    identity = payload["tracking"]
-    plain = PlainLoop(cfg, payload["shards"], identity["uri"], identity["experiment"], payload["out"])
+    wc.clip_len = payload.clip_len
+    identity = payload.tracking
+    plain = PlainLoop(cfg, bench["shards"], identity["uri"], identity["experiment"], bench["out"])
     n = cfg.train.n_frames_total
 
     # 1. steps, paired on the same clips
-    clips = list(itertools.islice(iter_clips(payload["shards"], "train"), 4))
+    clips = list(itertools.islice(iter_clips(bench["shards"], "train"), 4))
     order = {side: itertools.cycle(clips) for side in ("platform", "plain")}
     rng = torch.Generator().manual_seed(cfg.train.seed)
     g, d = wc.engines["generator"], wc.engines["discriminator"]
     steps = interleaved({
         "platform": lambda: colocated_step(g, d, wc.objective, cfg.model, next(order["platform"]), n, rng),
         "plain": lambda: plain.step(next(order["plain"])),
-    }, rounds=payload["pairs"], warmup=2)
+    }, rounds=bench["pairs"], warmup=2)
 
     # 2. the loop, interval by interval
     timed_report = worker.report
@@ -153,7 +154,7 @@ def measure(payload: dict) -> None:
 
     worker.report = report
 
-    class Intervals(worker.CommittedMetrics):
+    class Intervals(CommittedMetrics):
         """Rank 0's committed metrics, as in a run; after each commit (the end of an interval), a plain
         interval runs."""
 
@@ -179,12 +180,12 @@ def measure(payload: dict) -> None:
             total = end - self.start
             self.platform.append({"total": total, "steps": self.steps_s, "report": spent["report"],
                                   "commit": end - t0, "other": total - self.steps_s - spent["report"] - (end - t0)})
-            self.plain_s.append(plain.interval(payload["steps"]))
+            self.plain_s.append(plain.interval(bench["steps"]))
             self.reset()
 
     tracker = Intervals(Tracker.join(identity, writer="rank0"))
     worker.generator_loop(wc, state, tracker)
-    Path(payload["out"], "timings.json").write_text(json.dumps(
+    Path(bench["out"], "timings.json").write_text(json.dumps(
         {"steps": steps, "platform": tracker.platform, "plain": tracker.plain_s, "plain_parts": plain.parts}))
 
 
@@ -215,8 +216,8 @@ def main(argv: list[str]) -> int:
         # the Ray Train workers run measure() instead of the worker loop: trainer.train looks its worker
         # function up when it builds the TorchTrainer, and Ray ships a function of __main__ by value
         original = trainer.train_worker
-        trainer.train_worker = lambda payload: measure({**payload, "out": str(out), "steps": steps,
-                                                        "pairs": pairs, "shards": cfg.data.out})
+        trainer.train_worker = lambda payload: measure(payload, {"out": str(out), "steps": steps,
+                                                                 "pairs": pairs, "shards": cfg.data.out})
         try:
             trainer.train(cfg, cfg.data.out)
         finally:

@@ -49,7 +49,8 @@ from vid2vid.models.objective import Objective
 from vid2vid.models.vgg import VGG19
 from vid2vid.models.vid2vid import GeneratorSide
 from vid2vid.platform.engines import forward_precision
-from vid2vid.platform.step import PlainEngine, colocated_step
+from vid2vid.training.engine import PlainEngine
+from vid2vid.training.step import colocated_step
 
 # Reference scripts/street/train_g1_256.sh: ngf 128, 2 downsamplings, 9 blocks, one D scale.
 DEFAULTS = {"ngf": 128, "n_downsample_G": 2, "n_blocks": 9, "num_D": 1}

@@ -26,13 +26,13 @@ from vid2vid.platform.engines import (
     build_engine,
     deepspeed_config,
     forward_precision,
-    frozen,
     get_lr,
     load_weights_only,
     rebuild_optimizer,
     set_lr,
 )
-from vid2vid.platform.schedule import apply_lr_decay
+from vid2vid.training.engine import frozen
+from vid2vid.training.schedule import plan_epoch
 
 LR, BETAS = 1e-2, (0.5, 0.999)
 DS_ENV = {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
@@ -80,7 +80,8 @@ def reference_gan(g: nn.Module, d: nn.Module, data, clip: float) -> None:
 
 
 def engine_gan(ge, de, data) -> None:
-    """The STACK.md recipe: D through its engine once per backward; G's step with D frozen and bare."""
+    """The two rules in vid2vid/platform/engines.py's docstring: D through its engine once per backward;
+    G's step with D frozen and bare."""
     for x, real in data:
         fake = ge(x)
         de.backward(d_loss(de(torch.cat([real, fake.detach()]))))
@@ -240,7 +241,7 @@ def test_set_lr_and_decay_reach_the_engine_optimizer(world1):
     ge = build_engine(g, TrainConfig(zero_stage=2), LR, BETAS)
     set_lr(ge, 3e-4)
     assert get_lr(ge) == 3e-4
-    apply_lr_decay({"G": ge}, LR, epoch=5, niter=0, niter_decay=5)  # factor 0: Adam makes no move
+    set_lr(ge, LR * plan_epoch(5, TrainConfig(niter=0, niter_decay=5)).lr_factor)  # factor 0: Adam makes no move
     assert get_lr(ge) == 0.0
     before = flat(g)
     x, _ = batches(2, 1)[0]

@@ -13,7 +13,9 @@ from vid2vid.models.face_crop import FaceBoxes, crop, crop_side, face_boxes
 from vid2vid.models.objective import Objective
 from vid2vid.models.vid2vid import GeneratorSide
 from vid2vid.platform.handoff import adversarial_names
-from vid2vid.platform.step import PlainEngine, adversarial_inputs, colocated_step
+from vid2vid.training.engine import PlainEngine
+from vid2vid.training.inputs import clip_inputs
+from vid2vid.training.step import adversarial_inputs, colocated_step
 
 H, W, T = 64, 48, 3
 
@@ -82,7 +84,7 @@ def test_face_terms_join_the_objective_and_only_the_face_region_feeds_them():
     assert any(not torch.equal(a, b) for a, b in zip(face0, d.face.parameters(), strict=True))
 
     # The face GAN term's gradient w.r.t. the fake frames lives in the head's square of each judged frame.
-    adv = adversarial_inputs(cfg, pose_clip(), result.sequence, torch.Generator().manual_seed(1))
+    adv = adversarial_inputs(cfg, clip_inputs(cfg, pose_clip(), T), result.sequence, torch.Generator().manual_seed(1))
     fake = adv.fake.detach().requires_grad_(True)
     adv.fake = fake
     j = judge(d, adv)

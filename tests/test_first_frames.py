@@ -15,7 +15,8 @@ from vid2vid.datasets.shards import Clip
 from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.objective import Objective
 from vid2vid.models.vid2vid import GeneratorSide
-from vid2vid.platform.step import PlainEngine, colocated_step
+from vid2vid.training.engine import PlainEngine
+from vid2vid.training.step import colocated_step
 
 T, H, W = 4, 16, 32
 

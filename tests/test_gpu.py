@@ -26,7 +26,8 @@ from vid2vid.models.vgg import VGG19
 from vid2vid.models.vid2vid import GeneratorSide
 from vid2vid.platform.checkpointer import read_checkpoint, write_checkpoint
 from vid2vid.platform.engines import build_engine, forward_precision
-from vid2vid.platform.step import PlainEngine, colocated_step
+from vid2vid.training.engine import PlainEngine
+from vid2vid.training.step import colocated_step
 
 pytestmark = pytest.mark.gpu
 

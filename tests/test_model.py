@@ -13,7 +13,9 @@ from vid2vid.models.adversarial import DiscriminatorSide, judge
 from vid2vid.models.objective import Objective
 from vid2vid.models.sampling import compose_backward_flows, sample_video_window, video_window_flows
 from vid2vid.models.vid2vid import GeneratorSide, count_parameters, generate_sequence, prepare_inputs
-from vid2vid.platform.step import PlainEngine, adversarial_inputs, colocated_step
+from vid2vid.training.engine import PlainEngine
+from vid2vid.training.inputs import clip_inputs
+from vid2vid.training.step import adversarial_inputs, colocated_step
 
 H, W, T, N = 32, 64, 5, 1
 
@@ -125,7 +127,7 @@ def test_video_discriminator_sees_exactly_the_frames_its_step_selects(monkeypatc
     clip = make_clip(t=9)
     fake = torch.rand(N, 9, 3, H, W) * 2 - 1
     seq = type("Seq", (), {"frames": fake, "hallucinated": fake})()
-    adv = adversarial_inputs(cfg, clip, seq, torch.Generator().manual_seed(3))
+    adv = adversarial_inputs(cfg, clip_inputs(cfg, clip, 9), seq, torch.Generator().manual_seed(3))
     seen = {}
 
     def spy(frames, flows, scale):
@@ -177,7 +179,7 @@ def test_objective_terms_follow_config_weights():
     d = DiscriminatorSide(cfg)
     fake = torch.rand(N, T, 3, H, W) * 2 - 1
     seq = type("Seq", (), {"frames": fake, "hallucinated": fake})()
-    adv = adversarial_inputs(cfg, clip, seq, torch.Generator().manual_seed(0))
+    adv = adversarial_inputs(cfg, clip_inputs(cfg, clip, T), seq, torch.Generator().manual_seed(0))
     j = judge(d, adv)
     a = Objective(cfg).generator_adversarial(j).terms
     b = Objective(dataclasses.replace(cfg, lambda_feat=20.0)).generator_adversarial(j).terms

@@ -35,7 +35,7 @@ def report_recorder(path: Path):
 
 @pytest.mark.ray
 def test_a_throttled_run_reports_checkpoints_and_its_end_to_ray_and_every_step_once_to_mlflow(
-        ray_cluster, tmp_path, monkeypatch):
+        ray_cluster, tmp_path):
     """Reports at most every hour: the first step, a checkpoint after step 3 and none due at step 4, the run's end; the
     worker is killed after step 2, before anything was committed, so steps 1-2 are redone. Ray sees
     step 3's checkpoint and the end's (holding step 4's losses); MLflow sees steps 1-4 once each.
@@ -45,13 +45,13 @@ def test_a_throttled_run_reports_checkpoints_and_its_end_to_ray_and_every_step_o
     from vid2vid.checkpoints import read_state
     from vid2vid.datasets.prepare import prepare
     from vid2vid.platform.trainer import train
+    from vid2vid.training.faults import KillOnce
 
     cfg = load_config([*RUN, f"data.out={tmp_path / 'shards'}", f"train.run_dir={tmp_path}"])
     prepare(cfg.data, progress=False)
-    monkeypatch.setenv("VID2VID_FAIL_AT_STEP", "2")
-    monkeypatch.setenv("VID2VID_FAIL_MARKER", str(tmp_path / "kills.json"))
     reports = tmp_path / "reports.jsonl"
-    result = train(cfg, cfg.data.out, callbacks=[report_recorder(reports)])
+    result = train(cfg, cfg.data.out, callbacks=[report_recorder(reports)],
+                   fault_hook=KillOnce((2,), str(tmp_path / "kills.json")))
 
     assert json.loads((tmp_path / "kills.json").read_text()) == [2]
     seen = [json.loads(line) for line in reports.read_text().splitlines()]

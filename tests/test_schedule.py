@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from vid2vid.config import TrainConfig
-from vid2vid.platform.schedule import (
+from vid2vid.config import Config, TrainConfig
+from vid2vid.platform.worker import begin_epoch
+from vid2vid.training.schedule import (
     ScheduleState,
-    apply_lr_decay,
     clip_length,
     coarse_frozen,
     lr_factor,
@@ -44,27 +47,27 @@ def test_lr_factor_is_linear_to_zero_after_niter():
     assert lr_factor(50, 10, 0) == 1.0  # no decay phase: constant
 
 
-def test_lr_decay_reaches_every_optimizer_including_each_d_v():
-    net = torch.nn.Linear(2, 2)
-    opts = {name: torch.optim.Adam(net.parameters(), lr=1.0) for name in ("G", "D_I", "D_V0", "D_V1")}
-    base = {"G": 1e-4, "D_I": 4e-4, "D_V0": 2e-4, "D_V1": 2e-4}
-    out = apply_lr_decay(opts, base, epoch=12, niter=10, niter_decay=9)  # factor 1 - 3/10 = 0.7
-    for name, opt in opts.items():
-        assert opt.param_groups[0]["lr"] == pytest.approx(base[name] * 0.7)
-        assert out[name] == pytest.approx(base[name] * 0.7)
-    with pytest.raises(KeyError, match="D_V1"):
-        apply_lr_decay(opts, {"G": 1.0, "D_I": 1.0, "D_V0": 1.0}, 12, 10, 9)
+def test_each_epoch_sets_the_decayed_rate_on_every_engine_and_each_d_v():
+    """What the worker does at an epoch's start (``worker.begin_epoch``): the base rate times the plan's
+    ``lr_factor`` on every parameter group of every engine the rank holds. D_I and each D_V are groups
+    of the discriminator's one engine (here an object holding an optimizer, as a DeepSpeed engine does)."""
 
+    class EngineLike:
+        def __init__(self, groups: int):
+            nets = [torch.nn.Linear(2, 2) for _ in range(groups)]
+            self.optimizer = torch.optim.Adam([{"params": n.parameters()} for n in nets], lr=1.0)
 
-def test_lr_decay_accepts_an_object_with_an_optimizer_like_a_deepspeed_engine():
-    class FakeEngine:
-        optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
-
-    eng = FakeEngine()
-    apply_lr_decay({"G": eng}, 2e-4, epoch=1, niter=0, niter_decay=1)  # factor 1 - 2/2 = 0
-    assert eng.optimizer.param_groups[0]["lr"] == 0.0
-    with pytest.raises(TypeError, match="param_groups"):
-        apply_lr_decay({"x": object()}, 1.0, 0, 0, 1)
+    cfg = Config()
+    cfg.train = dataclasses.replace(cfg.train, lr=2e-4, niter=10, niter_decay=9)
+    state = ScheduleState(epoch=12)
+    wc = SimpleNamespace(cfg=cfg, clip_len=None, engines={"generator": EngineLike(1), "discriminator": EngineLike(3)})
+    plan = begin_epoch(wc, state)
+    assert plan.lr_factor == pytest.approx(0.7)  # 1 - 3/10
+    for engine in wc.engines.values():
+        assert [g["lr"] for g in engine.optimizer.param_groups] == pytest.approx([2e-4 * 0.7] * len(
+            engine.optimizer.param_groups))
+    begin_epoch(wc, ScheduleState(epoch=19))  # the last trained epoch: 1 - 10/10 = 0
+    assert all(g["lr"] == 0.0 for e in wc.engines.values() for g in e.optimizer.param_groups)
 
 
 def test_spatial_fine_tuning_switch():

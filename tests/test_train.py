@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import mlflow
@@ -23,7 +22,8 @@ from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.vid2vid import GeneratorSide
 from vid2vid.platform.engines import load_weights_only
 from vid2vid.platform.trainer import train
-from vid2vid.platform.worker import build_sides
+from vid2vid.training.faults import KillOnce
+from vid2vid.training.sides import build_sides
 
 pytestmark = pytest.mark.ray
 
@@ -69,14 +69,8 @@ def progressive(shards, tmp_path_factory):
     def run(placement: str, killed: bool):
         if (placement, killed) not in runs:
             tmp = tmp_path_factory.mktemp(f"{placement}-{'killed' if killed else 'whole'}")
-            env = {"VID2VID_FAIL_AT_STEP": ",".join(map(str, KILLS)), "VID2VID_FAIL_MARKER": str(tmp / "kills.json")}
-            if killed:
-                os.environ.update(env)
-            try:
-                result = train(smoke(tmp, *PROGRESSIVE, *PLACEMENT[placement]), shards)
-            finally:
-                for key in env:
-                    os.environ.pop(key, None)
+            hook = KillOnce(KILLS, str(tmp / "kills.json")) if killed else None
+            result = train(smoke(tmp, *PROGRESSIVE, *PLACEMENT[placement]), shards, fault_hook=hook)
             runs[placement, killed] = result, tmp
         return runs[placement, killed]
 
@@ -165,7 +159,7 @@ def biases_cancelled_by_a_norm(module: torch.nn.Module) -> set[str]:
 
 
 def test_split_placement_trains_like_colocated(progressive):
-    """The real split worker code (hand-off, split_generator_step, discriminator_loop) on 1 G + 1 D rank
+    """The real split worker code (hand-off, SplitGeneratorStep, discriminator_loop) on 1 G + 1 D rank
     against one colocated rank, same clips and seeds, through 4 steps of the progressive schedule (the
     unfreeze rebuilds G's engine, clips grow from 2 to 4 frames): same G and D weights, same losses."""
     runs = {p: progressive(p, killed=False)[0] for p in ("colocated", "split")}
@@ -213,7 +207,7 @@ def test_paper_scale_presets_checkpoint_often_and_survive_lost_nodes(preset):
 
 
 def test_a_warm_started_run_at_lr_0_keeps_every_tensor_and_its_epoch_end_kill_logs_nothing_twice(
-        shards, tmp_path, monkeypatch):
+        shards, tmp_path):
     """A 2-scale run warm-started from a 1-scale model (G and D), 2 data-parallel workers with ZeRO-1,
     train.lr=0: after its steps every tensor is still what the warm start gave it: the source's for
     ``scales.0`` and every matching discriminator layer, the fresh initialisation for the new ones.
@@ -224,12 +218,11 @@ def test_a_warm_started_run_at_lr_0_keeps_every_tensor_and_its_epoch_end_kill_lo
     source = {"generator": GeneratorSide(source_cfg.model), "discriminator": DiscriminatorSide(source_cfg.model)}
     for side, module in source.items():
         save_weights(tmp_path / "source", side, module)
-    monkeypatch.setenv("VID2VID_FAIL_AT_STEP", "1")  # the end of epoch 0: one clip per worker
-    monkeypatch.setenv("VID2VID_FAIL_MARKER", str(tmp_path / "kills.json"))
     cfg = smoke(tmp_path, "model.n_scales_spatial=2", "model.num_D=2", "train.lr=0", "train.max_steps=0",
                 "train.num_workers=2", "train.zero_stage=1", "train.checkpoint_every=0", "train.max_failures=3",
                 f"train.warm_start={tmp_path / 'source'}")
-    result = train(cfg, shards)
+    # killed after step 1, the end of epoch 0: one clip per worker
+    result = train(cfg, shards, fault_hook=KillOnce((1,), str(tmp_path / "kills.json")))
     assert json.loads((tmp_path / "kills.json").read_text()) == [1]
     assert [s for s, _ in history(result, "step")] == [1, 2]
     fresh = dict(zip(("generator", "discriminator"), build_sides(cfg, "both", torch.device("cpu")), strict=True))

@@ -18,8 +18,9 @@ from vid2vid.datasets.shards import Clip
 from vid2vid.models.adversarial import DiscriminatorSide
 from vid2vid.models.objective import Objective
 from vid2vid.models.vid2vid import GeneratorSide
-from vid2vid.platform.step import colocated_step
-from vid2vid.platform.worker import build_engines, prepare_sides
+from vid2vid.platform.worker import build_engines
+from vid2vid.training.sides import prepare_sides
+from vid2vid.training.step import colocated_step
 
 TINY = ModelConfig(ngf=16, n_downsample_G=2, n_blocks=2, n_blocks_local=1, ndf=8, num_D=1)
 

@@ -196,7 +196,8 @@ def style_features(bank, clip: Clip, i: int, seed: int) -> torch.Tensor:
 
 def generate_clip(gen, model_cfg, clip: Clip, features: torch.Tensor | None) -> torch.Tensor:
     """Generated frames (N, T, 3, H, W) in [-1, 1] for the clips' labels, from G's first-frame path."""
-    from vid2vid.models.vid2vid import generate_sequence, prepare_inputs
+    from vid2vid.models.vid2vid import generate_sequence
+    from vid2vid.training.inputs import clip_inputs
 
-    inputs = prepare_inputs(model_cfg, clip.labels, clip.instance_edges, features)
-    return generate_sequence(gen, model_cfg, inputs).frames.float()
+    prepared = clip_inputs(model_cfg, clip, clip.num_frames, features=features)
+    return generate_sequence(gen, model_cfg, prepared.inputs).frames.float()

@@ -7,7 +7,7 @@ an actor), and the result goes into a queue of ONE item that Ray Train's control
 polls the workers, every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by default). Reporting every step
 therefore made each step wait up to that long for the previous report to be taken, whatever the step
 cost. Metrics still reach MLflow for every step (rank 0 buffers them until a checkpoint commits them,
-see ``worker.CommittedMetrics``); Ray only needs them for its own result and checkpoint bookkeeping.
+see ``tracking.CommittedMetrics``); Ray only needs them for its own result and checkpoint bookkeeping.
 """
 
 from __future__ import annotations

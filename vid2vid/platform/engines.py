@@ -6,8 +6,8 @@ only under two rules (each seen failing otherwise with DeepSpeed 0.19.8), which 
 1. D is forwarded through its engine exactly once per ``d_engine.backward`` (real and fake in one
    batch): ZeRO-2 reduces each gradient once per backward and asserts on a second forward.
 2. In G's step D's parameters are frozen and D is called as the bare module,
-   ``with frozen(d_engine.module): d_engine.module(fake)``: the engine wrapper's hooks would try to
-   reduce gradients D does not have (``IndexError`` in ``reduce_ipg_grads``).
+   ``with frozen(d_engine.module): d_engine.module(fake)`` (:mod:`vid2vid.training.step`): the engine
+   wrapper's hooks would try to reduce gradients D does not have (``IndexError`` in ``reduce_ipg_grads``).
 
 Checkpoints come from shared storage, so every engine reads them with ``torch.load(weights_only=True)``
 (:class:`WeightsOnlyCheckpointEngine`): tensors, containers and the few DeepSpeed types its ZeRO
@@ -21,7 +21,7 @@ import functools
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -175,31 +175,14 @@ def rebuild_optimizer(engine, train_cfg: Any, lr: float | None = None):
 
     Used at the end of spatial fine-tuning (``niter_fix_global``) after the caller has set
     ``requires_grad`` on the coarse scales. The old engine is destroyed first so its ZeRO gradient
-    hooks do not keep firing. Adam starts fresh, as the reference intended (it created a new
-    optimizer but kept stepping the stale one). Weights are untouched.
+    hooks do not keep firing. Adam starts fresh over the parameters that now train (see "Spatial" in
+    :mod:`vid2vid.training.schedule`). Weights are untouched.
     """
     module = engine.module
     lr = get_lr(engine) if lr is None else lr
     betas, mpu = engine._vid2vid_betas, engine._vid2vid_mpu
     engine.destroy()
     return build_engine(module, train_cfg, lr, betas, mpu)
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module) -> Iterator[nn.Module]:
-    """Turn off ``requires_grad`` on every parameter, restoring each flag as it was on exit.
-
-    Restoring (not setting True) keeps deliberately frozen parameters, e.g. coarse scales during
-    ``niter_fix_global``, frozen. Gradients still flow *through* the module to its inputs.
-    """
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def save_engines(directory: str | Path, engines: Mapping[str, Any], client_state: dict[str, Any]) -> Path:

@@ -10,7 +10,8 @@ import torch
 
 from vid2vid import storage
 from vid2vid.media import side_by_side, source_picture, to_uint8, write_video
-from vid2vid.platform.step import generate_for_training
+from vid2vid.models.vid2vid import generate_sequence
+from vid2vid.training.inputs import clip_inputs
 
 log = logging.getLogger("vid2vid.train")
 
@@ -19,22 +20,13 @@ def render_sample(g_module: torch.nn.Module, cfg: Any, clip: Any, path: Path) ->
     """Generate the whole clip with the current generator (no gradients) and write the triptych."""
     g_module.eval()
     with torch.no_grad():
-        seq = generate_for_training(_Bare(g_module), cfg, clip, clip.num_frames)
+        prepared = clip_inputs(cfg, clip, clip.num_frames, encoder=g_module)
+        seq = generate_sequence(g_module, cfg, prepared.inputs, clip.num_frames)
     g_module.train()
     fake, real = to_uint8(seq.frames[0]), to_uint8(clip.frames[0])
     panels = (side_by_side(source_picture(clip.labels[0, t], cfg.label_nc), fake[t], real[t])
               for t in range(clip.num_frames))
     return write_video(path, panels, fps=8)
-
-
-class _Bare:
-    """Lets a bare module stand where the step expects an engine (it only calls and reads .module)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
 
 
 def log_sample_video(wc: Any, tracker: Any, out_dir: str) -> Path | None:

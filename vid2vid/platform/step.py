@@ -1,9 +1,9 @@
-"""One vid2vid training step (G then D), independent of how parameters are distributed.
+"""A worker's training step in either placement, built from the pieces of :mod:`vid2vid.training.step`.
 
-The step talks to "engines": objects with ``__call__`` (forward), ``backward(loss)``, ``step()`` and
-``module``. A DeepSpeed engine is one; :class:`PlainEngine` wraps a module and a torch optimizer with
-the same interface, so the plain-PyTorch benchmark, the unit tests and the Ray Train workers run the
-same code.
+Colocated: every rank runs the whole G-then-D step on its own clips. Split: a generator rank tells its
+partner discriminator rank what comes next, runs G's forward and local losses while the partner
+judges the fake frames, and back-propagates the partner's gradient w.r.t. those frames; the partner
+(:func:`serve_discriminator_step`) steps D on the same inputs.
 """
 
 from __future__ import annotations
@@ -14,94 +14,102 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 
 from vid2vid.config import ModelConfig
 from vid2vid.datasets.shards import Clip
-from vid2vid.models.adversarial import AdversarialInputs, draw_adversarial_inputs
+from vid2vid.models.adversarial import AdversarialInputs
 from vid2vid.models.objective import LossTerms, Objective
-from vid2vid.models.vid2vid import ClipInputs, SequenceOutput, generate_sequence, prepare_inputs
-from vid2vid.platform.engines import frozen
+from vid2vid.platform import handoff
+from vid2vid.training.step import (
+    StepResult,
+    adversarial_terms,
+    apply,
+    colocated_step,
+    discriminator_step,
+    generate,
+    generator_local_terms,
+)
+
+Precision = Callable[[], contextlib.AbstractContextManager]
 
 
-class Engine(Protocol):
-    module: nn.Module
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> None: ...
-
-
-class PlainEngine:
-    """A module and its optimizer behind the DeepSpeed engine interface used by the train step."""
-
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0):
-        self.module = module
-        self.optimizer = optimizer
-        self.grad_clip = grad_clip
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+class Step(Protocol):
+    def __call__(self, clip: Clip, num_frames: int, order: handoff.Control) -> StepResult: ...
+    def tell_partner(self, order: handoff.Control) -> None: ...
 
 
 @dataclass
-class StepResult:
-    generator: LossTerms
-    discriminator: LossTerms
-    frames: int  # frames generated in this step (all clips of the batch)
-    sequence: SequenceOutput
+class ColocatedStep:
+    engines: dict[str, Any]  # looked up at each step: the schedule may rebuild the generator's engine
+    objective: Objective
+    cfg: ModelConfig
+    rng: torch.Generator
+    precision: Precision = contextlib.nullcontext
+
+    def __call__(self, clip: Clip, num_frames: int, order: handoff.Control) -> StepResult:
+        return colocated_step(self.engines["generator"], self.engines["discriminator"], self.objective, self.cfg,
+                              clip, num_frames, self.rng, precision=self.precision)
+
+    def tell_partner(self, order: handoff.Control) -> None:
+        """A colocated rank has no partner."""
 
 
-def generate_for_training(g: Engine, cfg: ModelConfig, clip: Clip, num_frames: int) -> SequenceOutput:
-    features = None
-    if cfg.use_features:
-        features = g.module.encode_features(clip.frames[:, :num_frames], clip.labels[:, :num_frames],
-                                            clip.instances[:, :num_frames])
-    inputs: ClipInputs = prepare_inputs(cfg, clip.labels[:, :num_frames],
-                                        None if clip.instance_edges is None else clip.instance_edges[:, :num_frames],
-                                        features)
-    return generate_sequence(g, cfg, inputs, num_frames)
+@dataclass
+class SplitGeneratorStep:
+    engines: dict[str, Any]
+    objective: Objective
+    cfg: ModelConfig
+    rng: torch.Generator
+    partner: int  # the discriminator rank of this generator rank
+    device: torch.device
+    precision: Precision = contextlib.nullcontext
+
+    def __call__(self, clip: Clip, num_frames: int, order: handoff.Control) -> StepResult:
+        self.tell_partner(order)
+        g = self.engines["generator"]
+        with self.precision():
+            generated = generate(g, self.cfg, clip, num_frames, self.rng)
+        adv = generated.adversarial
+        handoff.send_adversarial(adv, self.partner)
+        with self.precision():  # while the partner judges the fake frames
+            local = generator_local_terms(self.objective, generated)
+        grads = handoff.recv_tensors(self.partner, self.device)
+        apply(g, surrogate_loss(local, adv, grads))
+        g_adv, d_terms = self._partner_losses(adv)
+        seq = generated.sequence
+        return StepResult(local + g_adv, d_terms, frames=seq.frames.shape[0] * seq.frames.shape[1], sequence=seq)
+
+    def tell_partner(self, order: handoff.Control) -> None:
+        handoff.send_control(order, self.partner, self.device)
+
+    def _partner_losses(self, adv: AdversarialInputs) -> tuple[LossTerms, LossTerms]:
+        """G's adversarial terms and D's terms as the partner computed them, named for logging."""
+        values = handoff.recv_tensors(self.partner, self.device)
+        g_names, d_names = handoff.adversarial_names(adv, self.cfg.face_discriminator)
+        return (LossTerms(dict(zip(g_names, values[0].unbind(), strict=True))),
+                LossTerms(dict(zip(d_names, values[1].unbind(), strict=True))))
 
 
-def adversarial_inputs(cfg: ModelConfig, clip: Clip, seq: SequenceOutput,
-                       rng: torch.Generator, image_frames: int = 1) -> AdversarialInputs:
-    T = seq.frames.shape[1]
-    edges = None if clip.instance_edges is None else clip.instance_edges[:, :T]
-    sources = prepare_inputs(cfg, clip.labels[:, :T], edges).source
-    return draw_adversarial_inputs(cfg, sources, clip.frames, clip.flow, seq, rng, image_frames)
+def fake_frames(adv: AdversarialInputs) -> list[torch.Tensor]:
+    """The generated frames the discriminators judge (final, and hallucinated with flow warping)."""
+    return [adv.fake] + ([adv.fake_raw] if adv.fake_raw is not None else [])
 
 
-def colocated_step(g: Engine, d: Engine, objective: Objective, cfg: ModelConfig, clip: Clip,
-                   num_frames: int, rng: torch.Generator, image_frames: int = 1,
-                   precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> StepResult:
-    """G step then D step with both sides on this rank.
+def surrogate_loss(local: LossTerms, adv: AdversarialInputs, grads: list[torch.Tensor]) -> torch.Tensor:
+    """A loss whose gradient w.r.t. G's parameters is exactly that of local + adversarial losses:
+    d/dtheta <fake, dL_adv/dfake> = dL_adv/dfake . dfake/dtheta (the chain rule, D's half done remotely)."""
+    return local.total + sum((f * gr).sum() for f, gr in zip(fake_frames(adv), grads, strict=True))
 
-    In the G step the discriminators are frozen and called as the bare module (not through their
-    engine): that keeps the D engine's gradient hooks out of G's backward (DeepSpeed ZeRO-2 needs it).
-    ``precision`` wraps the forward passes only (bf16 autocast on GPU); backward runs outside it, as
-    autocast wants.
-    """
+
+def serve_discriminator_step(d: Any, objective: Objective, partner: int, device: torch.device,
+                             precision: Precision = contextlib.nullcontext) -> LossTerms:
+    """The discriminator rank's half of a split step: return dL_adv/dfake, then step D on the same inputs."""
+    adv = handoff.recv_adversarial(partner, device)
     with precision():
-        seq = generate_for_training(g, cfg, clip, num_frames)
-        adv = adversarial_inputs(cfg, clip, seq, rng, image_frames)
-        with frozen(d.module):
-            judgement = d.module(adv)
-        g_terms = objective.generator_local(seq, clip.frames, clip.flow, clip.confidence)
-        g_terms = g_terms + objective.generator_adversarial(judgement)
-    g.backward(g_terms.total)
-    g.step()
-
-    with precision():
-        d_terms = objective.discriminator(d(adv.detached()))
-    d.backward(d_terms.total)
-    d.step()
-    return StepResult(g_terms, d_terms, frames=seq.frames.shape[0] * seq.frames.shape[1], sequence=seq)
+        g_adv = adversarial_terms(d.module, objective, adv)
+    grads = torch.autograd.grad(g_adv.total, fake_frames(adv))
+    handoff.send_tensors(list(grads), partner)  # G back-propagates while D takes its own step
+    d_terms = discriminator_step(d, objective, adv, precision)
+    handoff.send_tensors([torch.stack(list(g_adv.terms.values())).detach(),
+                          torch.stack(list(d_terms.terms.values())).detach()], partner)
+    return d_terms

@@ -278,3 +278,35 @@ class Tracker:
 
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v if v is None or isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
+
+
+class CommittedMetrics:
+    """Per-step metrics reach MLflow only once a checkpoint covering them is committed.
+
+    A worker that dies redoes the steps after its last committed checkpoint; holding their metrics
+    until the next commit means MLflow never shows a step twice (nor a step the model lost).
+    """
+
+    def __init__(self, tracker: Any):
+        self.tracker = tracker
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def buffer(self, metrics: dict[str, float], step: int, committed: bool) -> None:
+        self.pending.append((step, metrics))
+        if committed:
+            self.commit()
+
+    def commit(self) -> None:
+        """After a checkpoint was reported: wait until Ray Train has committed it, then log."""
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        self.flush()
+
+    def flush(self) -> None:
+        for step, metrics in self.pending:
+            self.tracker.log_metrics(metrics, step=step)
+        self.pending.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tracker, name)

@@ -17,9 +17,11 @@ during the run it logs one progress line per step (``progress.Progress``) when `
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from vid2vid import storage
 from vid2vid.checkpoints import read_run_id, run_id_path
 from vid2vid.config import Config, flatten, to_dict
 from vid2vid.console import is_verbose, quiet_ray_driver, quiet_ray_worker
+from vid2vid.platform.payload import WorkerPayload
 from vid2vid.platform.placement import plan_placement
 from vid2vid.platform.progress import Progress, StepPlan, plan_steps
 from vid2vid.platform.resume import check_resume, record_config
@@ -90,12 +93,12 @@ def ensure_ray(address: str | None = None) -> None:
     log.info("Ray ready in %.1f s: %g CPUs, %g GPUs", time.perf_counter() - t0, res.get("CPU", 0), res.get("GPU", 0))
 
 
-def train_worker(payload: dict[str, Any]) -> None:
+def train_worker(payload: WorkerPayload) -> None:
     """What each Ray Train worker runs: quiet Ray Train's per-report log, then the worker loop."""
     from vid2vid.platform import startup
 
     startup.mark("worker_start")
-    quiet_ray_worker(payload.get("verbose", False))
+    quiet_ray_worker(payload.verbose)
     from vid2vid.platform.worker import train_loop_per_worker
 
     startup.mark("imported")
@@ -114,12 +117,15 @@ def announce_steps(cfg: Config, manifest: dict[str, Any], run_name: str) -> Step
 
 def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = None,
           parent_run_id: str | None = None, callbacks: list | None = None,
-          parent_key: str | None = None, progress: bool = False) -> TrainResult:
+          parent_key: str | None = None, progress: bool = False,
+          fault_hook: Callable[[int], None] | None = None) -> TrainResult:
     """Train on prepared shards; everything lands in MLflow and in ``<run_dir>/ray/<run_name>``.
 
     The run's tracking key is its name: the driver and rank 0 log into one MLflow run, also when the
     server was down at start (it is created when it answers; ``parent_key`` nests it then).
     ``progress=True`` logs the driver's progress line (the experiment scripts; a sweep's trials do not).
+    ``fault_hook`` (tests only, e.g. :class:`vid2vid.training.faults.KillOnce`) is called on the workers
+    with the step count before each step.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -152,25 +158,20 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
         log.warning("run %s resumes with a changed config (train.allow_config_change=true): %s", run_name,
                     "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items()))
 
-    payload = {"config": to_dict(cfg), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
-               "tracking": tracker.identity(),  # rank 0 joins this run (offline too) with it
-               "run_dir": run_dir, "clip_len": int(manifest["clip_len"]),
-               "sample_dir": storage.join(run_dir, "samples", run_name), "verbose": is_verbose(),
-               # fault-injection hook for tests: die once at each of these steps (see worker._maybe_fail)
-               "fail_at_steps": [int(s) for s in os.environ.get("VID2VID_FAIL_AT_STEP", "").split(",") if s.strip()],
-               "fail_marker": os.environ.get("VID2VID_FAIL_MARKER")}
+    payload = WorkerPayload(config=to_dict(cfg), tracking=tracker.identity(),  # rank 0 joins this run (offline too)
+                            clip_len=int(manifest["clip_len"]), sample_dir=storage.join(run_dir, "samples", run_name),
+                            verbose=is_verbose(), fault_hook=fault_hook)
     use_gpu = cfg.train.use_gpu
     log.info("starting %d Ray Train worker%s (%s, %s); DeepSpeed and the data stream start before step 1",
              cfg.train.num_workers, "s" * (cfg.train.num_workers > 1), cfg.train.placement,
              "GPU" if use_gpu else "CPU")
     with contextlib.ExitStack() as stack:
-        payload["fit_time"] = startup.record("fit")
+        payload.fit_time = startup.record("fit")
         if progress:
-            shown = stack.enter_context(Progress(plan, cfg.train.progress_every_s, payload["fit_time"]))
+            shown = stack.enter_context(Progress(plan, cfg.train.progress_every_s, payload.fit_time))
             callbacks = [*(callbacks or []), shown.callback]
         trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=payload,
+            functools.partial(train_worker, payload),  # typed: Ray's train_loop_config must be a plain dict
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.train.num_workers, use_gpu=use_gpu,

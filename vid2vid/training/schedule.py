@@ -2,12 +2,13 @@
 
 - Temporal: the clip fed to G doubles every ``niter_step`` epochs, up to ``max_frames_total`` and the
   longest clip the data has (paper Sec. 3.3; reference ``update_training_batch``).
-- Learning rate: constant for ``niter`` epochs, then linear decay over ``niter_decay`` epochs. We use
-  the CycleGAN/pix2pixHD "LambdaLR" form ``lr * (1 - (e - niter + 1) / (niter_decay + 1))``: every
-  trained epoch has a non-zero rate and the rate would reach exactly 0 at ``e = niter + niter_decay``,
-  the first epoch not trained. (The reference's ``lr * (1 - (e - niter) / niter_decay)`` applied at
-  the end of 1-based epoch e is the same ramp shifted by one epoch.) It is applied to EVERY optimizer
-  handed over, D_V included; the reference never decays D_V.
+- Learning rate (``EpochPlan.lr_factor``, which the worker sets on every engine): constant for
+  ``niter`` epochs, then linear decay over ``niter_decay`` epochs. We use the CycleGAN/pix2pixHD
+  "LambdaLR" form ``lr * (1 - (e - niter + 1) / (niter_decay + 1))``: every trained epoch has a
+  non-zero rate and the rate would reach exactly 0 at ``e = niter + niter_decay``, the first epoch
+  not trained. (The reference's ``lr * (1 - (e - niter) / niter_decay)`` applied at
+  the end of 1-based epoch e is the same ramp shifted by one epoch.) The worker applies it to EVERY
+  engine, D_V included (the reference never decays D_V).
 - Spatial: when a finer scale is added, the coarser scales stay frozen for ``niter_fix_global``
   epochs, then everything is fine-tuned with a freshly built optimizer. The switch is not tied to a
   moment ("the first batch of epoch N"): the worker compares the epoch's plan with the frozen state
@@ -47,39 +48,6 @@ def lr_factor(epoch: int, niter: int, niter_decay: int) -> float:
     if niter_decay <= 0:
         return 1.0  # no decay phase configured: keep the constant rate
     return max(0.0, 1.0 - (epoch - niter + 1) / (niter_decay + 1))
-
-
-def _param_groups(opt: Any) -> list[dict]:
-    if hasattr(opt, "param_groups"):
-        return opt.param_groups
-    inner = getattr(opt, "optimizer", None)  # a DeepSpeed engine: its (ZeRO-wrapped) optimizer
-    if inner is not None and hasattr(inner, "param_groups"):
-        return inner.param_groups
-    raise TypeError(f"{type(opt).__name__} has no param_groups (expected an optimizer or a DeepSpeed engine)")
-
-
-def apply_lr_decay(optimizers: Mapping[str, Any], base_lrs: Mapping[str, float] | float, epoch: int,
-                   niter: int, niter_decay: int) -> dict[str, float]:
-    """Set the decayed rate on every optimizer (or engine) in ``optimizers``; returns name -> lr.
-
-    ``base_lrs`` is one rate for all, or one per name (TTUR-style G/D rates); a name missing from it
-    is an error rather than a silently undecayed optimizer.
-    """
-    factor = lr_factor(epoch, niter, niter_decay)
-    out = {}
-    for name, opt in optimizers.items():
-        if isinstance(base_lrs, Mapping):
-            if name not in base_lrs:
-                raise KeyError(f"apply_lr_decay: no base learning rate for optimizer {name!r}; "
-                               f"given: {sorted(base_lrs)}")
-            base = base_lrs[name]
-        else:
-            base = float(base_lrs)
-        lr = base * factor
-        for group in _param_groups(opt):
-            group["lr"] = lr
-        out[name] = lr
-    return out
 
 
 def coarse_frozen(epoch: int, niter_fix_global: int) -> bool:
