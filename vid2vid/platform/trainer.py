@@ -128,12 +128,8 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
     ``fault_hook`` (tests only, e.g. :class:`vid2vid.training.faults.KillOnce`) is called on the workers
     with the step count before each step.
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from vid2vid.datasets.shards import check_model_fits, load_manifest, training_dataset
+    from vid2vid.datasets.shards import check_model_fits, load_manifest
     from vid2vid.platform import startup
-    from vid2vid.platform.tracking import Tracker
 
     ensure_ray()
     startup.record("train_called")
@@ -146,49 +142,21 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
     check_model_fits(cfg.model, manifest, shards)
     plan = announce_steps(cfg, manifest, run_name)
 
-    resumed_run_id = read_run_id(run_folder)
-    tracker = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=run_name,
-                      run_id=resumed_run_id, run_dir=run_dir, key=run_name, writer="driver",
-                      parent_key=parent_key, run_id_file=run_id_path(run_folder),  # written once known
-                      tags={"placement": cfg.train.placement, "preset": cfg.name, **(extra_tags or {}),
-                            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
-    if resumed_run_id is None:  # MLflow params are write-once; a resumed run keeps its original ones
-        tracker.log_params(flatten(cfg))
-    record_config(cfg, run_folder, changes, tracker)
-    if changes:
-        log.warning("run %s resumes with a changed config (train.allow_config_change=true): %s", run_name,
-                    "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items()))
-
+    tracker = open_tracking(cfg, run_name, run_dir, run_folder, changes, extra_tags, parent_run_id, parent_key)
     payload = WorkerPayload(config=to_dict(cfg), tracking=tracker.identity(),  # rank 0 joins this run (offline too)
                             clip_len=int(manifest["clip_len"]), sample_dir=storage.join(run_dir, "samples", run_name),
                             verbose=is_verbose(), fault_hook=fault_hook)
-    use_gpu = cfg.train.use_gpu
     log.info("starting %d Ray Train worker%s (%s, %s); DeepSpeed and the data stream start before step 1",
              cfg.train.num_workers, "s" * (cfg.train.num_workers > 1), cfg.train.placement,
-             "GPU" if use_gpu else "CPU")
+             "GPU" if cfg.train.use_gpu else "CPU")
     fast_commits()
     with contextlib.ExitStack() as stack:
         payload.fit_time = startup.record("fit")
         if progress:
             shown = stack.enter_context(Progress(plan, cfg.train.progress_every_s, payload.fit_time))
             callbacks = [*(callbacks or []), shown.callback]
-        trainer = TorchTrainer(
-            functools.partial(train_worker, payload),  # typed: Ray's train_loop_config must be a plain dict
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                resources_per_worker={"GPU": cfg.train.gpus_per_worker} if use_gpu
-                else {"CPU": cfg.train.cpus_per_worker}),
-            run_config=ray.train.RunConfig(
-                name=run_name, storage_path=storage_path,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or None,
-                logging_config=ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")),
-            datasets={"train": training_dataset(shards, split="train", shuffle_seed=cfg.train.seed)},
-            dataset_config=placement_data_config(cfg.train.placement, cfg.train.num_workers),
-        )
         try:
-            result = trainer.fit()
+            result = torch_trainer(cfg, payload, shards, run_name, storage_path, callbacks).fit()
         except Exception:
             tracker.end("FAILED")
             replay_at_end(tracker)
@@ -202,6 +170,52 @@ def train(cfg: Config, shards: str | Path, extra_tags: dict[str, str] | None = N
     replay_at_end(tracker)
     return TrainResult(run_name, tracker.run_id, tracker.uri, checkpoint, dict(result.metrics or {}), storage_path,
                        plan)
+
+
+def open_tracking(cfg: Config, run_name: str, run_dir: str, run_folder: str, changes: dict,
+                  extra_tags: dict[str, str] | None, parent_run_id: str | None, parent_key: str | None):
+    """The driver's side of the run's MLflow record: the run resumed (its id in the run folder) or a new
+    one (created when the server answers), its params once, the config and any allowed change."""
+    from vid2vid.platform.tracking import Tracker
+
+    resumed_run_id = read_run_id(run_folder)
+    tracker = Tracker(cfg.train.tracking_uri, cfg.train.experiment, run_name=run_name,
+                      run_id=resumed_run_id, run_dir=run_dir, key=run_name, writer="driver",
+                      parent_key=parent_key, run_id_file=run_id_path(run_folder),  # written once known
+                      tags={"placement": cfg.train.placement, "preset": cfg.name, **(extra_tags or {}),
+                            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
+    if resumed_run_id is None:  # MLflow params are write-once; a resumed run keeps its original ones
+        tracker.log_params(flatten(cfg))
+    record_config(cfg, run_folder, changes, tracker)
+    if changes:
+        log.warning("run %s resumes with a changed config (train.allow_config_change=true): %s", run_name,
+                    "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items()))
+    return tracker
+
+
+def torch_trainer(cfg: Config, payload: WorkerPayload, shards: str | Path, run_name: str, storage_path: str,
+                  callbacks: list | None):
+    """Ray Train's TorchTrainer for this run: its workers, storage, failure budget and data stream."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vid2vid.datasets.shards import training_dataset
+
+    use_gpu = cfg.train.use_gpu
+    return TorchTrainer(
+        functools.partial(train_worker, payload),  # typed: Ray's train_loop_config must be a plain dict
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"GPU": cfg.train.gpus_per_worker} if use_gpu else {"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or None,
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")),
+        datasets={"train": training_dataset(shards, split="train", shuffle_seed=cfg.train.seed)},
+        dataset_config=placement_data_config(cfg.train.placement, cfg.train.num_workers),
+    )
 
 
 def fast_commits() -> None:
