@@ -83,10 +83,7 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
 def read_manifest(directory: str | Path) -> Manifest:
     """The checkpoint's manifest, or a FileNotFoundError saying the folder is no vid2vid checkpoint."""
     path = storage.join(directory, MANIFEST)
-    try:
-        values = json.loads(storage.read_text(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{directory} is not a vid2vid checkpoint: no {MANIFEST}") from None
+    values = storage.read_json(path, FileNotFoundError(f"{directory} is not a vid2vid checkpoint: no {MANIFEST}"))
     if values.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {values.get('format')!r}, this code reads {FORMAT}")
     return Manifest(engines=list(values.get("engines", [])), state=values["state"])
@@ -247,10 +244,11 @@ def save_config(checkpoint_dir: str | Path, cfg: Config) -> Path:
 def load_config(checkpoint_dir: str | Path) -> Config:
     """The config a checkpoint was trained with."""
     path = storage.join(checkpoint_dir, CONFIG)
+    missing = CheckpointError(f"{checkpoint_dir}: no {CONFIG}; is it a vid2vid training checkpoint?")
     try:
-        values = json.loads(storage.read_text(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{checkpoint_dir}: no {CONFIG}; is it a vid2vid training checkpoint?") from None
+        values = storage.read_json(path, missing)
+    except CheckpointError:
+        raise
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read the checkpoint's config ({err})") from None
     return apply_mapping(Config(), values)

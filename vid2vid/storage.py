@@ -20,9 +20,11 @@ file. :func:`local_dir` gives the local folder that stands for a location on thi
 from __future__ import annotations
 
 import functools
+import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 
@@ -155,6 +157,17 @@ def read_bytes(location: str | os.PathLike) -> bytes:
 
 def read_text(location: str | os.PathLike) -> str:
     return read_bytes(location).decode()
+
+
+def read_json(location: str | os.PathLike, missing: Exception | None = None) -> Any:
+    """The JSON document at ``location``; ``missing`` (an error naming what the file is for) is raised
+    instead of the bare FileNotFoundError when there is none."""
+    try:
+        return json.loads(read_text(location))
+    except FileNotFoundError:
+        if missing is None:
+            raise
+        raise missing from None
 
 
 def makedirs(location: str | os.PathLike) -> None:

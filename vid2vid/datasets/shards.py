@@ -159,10 +159,8 @@ def check_model_fits(model, manifest: dict, shards: str | Path, advice: str | No
 def load_manifest(out: str | Path) -> dict:
     """The ``manifest.json`` of a prepared folder; raises :class:`ShardError` naming what is wrong."""
     path = storage.join(out, MANIFEST)
-    try:
-        manifest = json.loads(storage.read_text(path))
-    except FileNotFoundError:
-        raise ShardError(f"{path}: no manifest; prepare the data first (vid2vid prepare out={out})") from None
+    manifest = storage.read_json(path, ShardError(f"{path}: no manifest; prepare the data first "
+                                                  f"(vid2vid prepare out={out})"))
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ShardError(f"{path}: schema_version {version}, this code reads {SCHEMA_VERSION}; "

@@ -41,11 +41,12 @@ from vid2vid import storage
 from vid2vid.checkpoints import CONFIG, MANIFEST, WEIGHTS, checkpoint_step, load_config, weights_path
 from vid2vid.config import Config, ConfigError, EvalConfig, apply_mapping, read_value, split_key_values
 from vid2vid.eval.service import evaluate_checkpoint
+from vid2vid.generate.styles import STYLES_FILE
 from vid2vid.platform.eval_records import EvalRecord, log_to_run, resolve_target
 
 log = logging.getLogger("vid2vid.eval")
 STAGE_TIMEOUT_S = 60
-STAGED = (CONFIG, f"generator/{WEIGHTS}", MANIFEST, "styles.npz")  # styles: a multimodal model's
+STAGED = (CONFIG, f"generator/{WEIGHTS}", MANIFEST, STYLES_FILE)  # styles: a multimodal model's
 
 
 def evaluate_and_log(checkpoint_dir: str | Path, shards: str | Path, eval_cfg: EvalConfig | None = None, *,
