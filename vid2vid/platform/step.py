@@ -76,8 +76,7 @@ class SplitGeneratorStep:
         grads = handoff.recv_tensors(self.partner, self.device)
         apply(g, surrogate_loss(local, adv, grads))
         g_adv, d_terms = self._partner_losses(adv)
-        seq = generated.sequence
-        return StepResult(local + g_adv, d_terms, frames=seq.frames.shape[0] * seq.frames.shape[1], sequence=seq)
+        return StepResult(local + g_adv, d_terms, generated.sequence)
 
     def tell_partner(self, order: handoff.Control) -> None:
         handoff.send_control(order, self.partner, self.device)

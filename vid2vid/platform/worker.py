@@ -278,7 +278,7 @@ def train_step(wc: WorkerContext, state: ScheduleState, plan: EpochPlan, index: 
     state.batch_in_epoch = index + 1
     wc.last_clip, wc.last_step = clip, state.step
     metrics = step_metrics(wc, state, wc.cfg.train.lr * plan.lr_factor, result.generator, result.discriminator,
-                           clip.labels.shape[0] * n, seconds)
+                           result.frames, seconds)
     publish(wc, state, {**metrics, **generator_rank_metrics(wc, clip, seconds)}, order, reporting)
 
 

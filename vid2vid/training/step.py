@@ -28,8 +28,12 @@ Precision = Callable[[], contextlib.AbstractContextManager]
 class StepResult:
     generator: LossTerms
     discriminator: LossTerms
-    frames: int  # frames generated in this step (all clips of the batch)
     sequence: SequenceOutput
+
+    @property
+    def frames(self) -> int:
+        """Frames generated in this step (all clips of the batch)."""
+        return self.sequence.frames.shape[0] * self.sequence.frames.shape[1]
 
 
 @dataclass
@@ -98,5 +102,4 @@ def colocated_step(g: Engine, d: Engine, objective: Objective, cfg: ModelConfig,
         g_terms = generator_local_terms(objective, generated) + g_adv
     apply(g, g_terms.total)
     d_terms = discriminator_step(d, objective, generated.adversarial, precision)
-    seq = generated.sequence
-    return StepResult(g_terms, d_terms, frames=seq.frames.shape[0] * seq.frames.shape[1], sequence=seq)
+    return StepResult(g_terms, d_terms, generated.sequence)
