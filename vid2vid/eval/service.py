@@ -44,7 +44,7 @@ from pathlib import Path
 
 from vid2vid import storage
 from vid2vid.checkpoints import checkpoint_step, load_config
-from vid2vid.config import EvalConfig
+from vid2vid.config import Config, EvalConfig
 from vid2vid.datasets.shards import MANIFEST as SHARDS_MANIFEST
 from vid2vid.datasets.shards import check_model_fits, load_manifest
 from vid2vid.eval.clips import ClipPlan, encode_segment, plan_clips
@@ -271,17 +271,18 @@ def protocol_description(fid_frame: str = "crop") -> str:
 def evaluate_checkpoint(checkpoint_dir: str | Path, shards: str | Path, eval_cfg: EvalConfig | None = None, *,
                         step: int | None = None, run_dir: str | Path | None = None,
                         input_sizes: dict[str, int] | None = None, actors: int | None = None,
-                        cpus_per_actor: float | None = None) -> EvalResult:
+                        cpus_per_actor: float | None = None, checkpoint_cfg: Config | None = None) -> EvalResult:
     """Evaluate one checkpoint at its training step (``step`` overrides it).
 
     ``eval_cfg`` defaults to the checkpoint's own ``eval`` section. ``run_dir`` (default: the training
     run's, :func:`training_run_dir`) holds the default statistics cache. ``input_sizes`` (test only,
     e.g. ``{"resnext101": 64}``) shrinks an input below the protocol (see ``metrics/``). ``actors``
     fixes the pool size and ``cpus_per_actor`` what each actor reserves (defaults: :func:`_pool`).
+    ``checkpoint_cfg``: the checkpoint's config when the caller has read it already.
     """
     t0 = time.perf_counter()
     checkpoint_dir, shards = storage.normalize(checkpoint_dir), storage.normalize(shards)  # folders or URIs
-    cfg = load_config(checkpoint_dir)
+    cfg = checkpoint_cfg or load_config(checkpoint_dir)
     ev = eval_cfg or cfg.eval
     step = checkpoint_step(checkpoint_dir, step)
     run_dir = Path(run_dir) if run_dir is not None else storage.local_dir(training_run_dir(checkpoint_dir, cfg))

@@ -64,7 +64,7 @@ def evaluate_and_log(checkpoint_dir: str | Path, shards: str | Path, eval_cfg: E
     if run_dir is not None:
         target = replace(target, run_dir=Path(run_dir))
     result = evaluate_checkpoint(checkpoint_dir, shards, eval_cfg, step=step, run_dir=target.run_dir,
-                                 **service_kwargs)
+                                 checkpoint_cfg=cfg, **service_kwargs)
     t0 = time.perf_counter()
     logged_to = log_to_run(result, target, cfg, checkpoint_dir)
     result.timings["mlflow"] = time.perf_counter() - t0
