@@ -7,6 +7,7 @@ import this module again."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,10 @@ def report_recorder(path: Path):
 
     class Recorder(ray.train.UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
+            poll_s = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")  # how often this controller polls
             with open(path, "a") as f:
-                f.write(json.dumps({"metrics": metrics[0], "checkpoint": checkpoint is not None}) + "\n")
+                f.write(json.dumps({"metrics": metrics[0], "checkpoint": checkpoint is not None,
+                                    "controller_poll_s": poll_s}) + "\n")
 
     return Recorder()
 
@@ -44,7 +47,7 @@ def test_a_throttled_run_reports_checkpoints_and_its_end_to_ray_and_every_step_o
 
     from vid2vid.checkpoints import read_state
     from vid2vid.datasets.prepare import prepare
-    from vid2vid.platform.trainer import train
+    from vid2vid.platform.trainer import COMMIT_POLL_S, train
     from vid2vid.training.faults import KillOnce
 
     cfg = load_config([*RUN, f"data.out={tmp_path / 'shards'}", f"train.run_dir={tmp_path}"])
@@ -69,6 +72,16 @@ def test_a_throttled_run_reports_checkpoints_and_its_end_to_ray_and_every_step_o
         assert seen[-1]["metrics"][key] == pytest.approx(history[key][-1][1], rel=1e-6)
         assert result.metrics[key] == pytest.approx(history[key][-1][1], rel=1e-6)
     assert read_state(result.checkpoint)["step"] == 4, "the run's end is checkpointed"
+    # Ray's controller polled every 0.25 s, not its 2 s default: a commit costs no ~1-2 s of idle wait
+    assert {r["controller_poll_s"] for r in seen} == {COMMIT_POLL_S}
+
+
+def test_a_poll_interval_the_user_set_wins(monkeypatch):
+    from vid2vid.platform.trainer import fast_commits
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
+    fast_commits()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
 
 
 def _agree(rank: int, store: str, wishes: list[tuple[float, bool]], q) -> None:
