@@ -306,6 +306,13 @@ def case_missing_checkpoint(tmp: Path):
             [f"checkpoint={tmp / 'runs' / 'nope'}: no such file or folder"])
 
 
+def case_corrupt_checkpoint_config(tmp: Path):
+    ckpt = tiny_checkpoint(tmp)
+    (ckpt / "config.json").write_text("{not json")
+    return (["generate", f"checkpoint={ckpt}", f"input={tmp}", f"out={tmp / 'x.mp4'}"],
+            [f"{ckpt / 'config.json'}: cannot read the checkpoint's config"])
+
+
 def case_run_folder_without_checkpoint(tmp: Path):
     run = tmp / "runs" / "ray" / "smoke-1"  # a run that died before its first checkpoint
     run.mkdir(parents=True)
@@ -336,7 +343,8 @@ def case_experiment_without_source(tmp: Path):
 
 BAD_INPUTS = [case_missing_source, case_text_files, case_corrupt_png, case_truncated_video, case_raft_without_weights,
               case_wrong_format_weights, case_corrupt_weights, case_missing_checkpoint,
-              case_run_folder_without_checkpoint, case_blank_answers, case_experiment_without_source]
+              case_corrupt_checkpoint_config, case_run_folder_without_checkpoint, case_blank_answers,
+              case_experiment_without_source]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: c.__name__.removeprefix("case_"))
@@ -351,3 +359,13 @@ def test_bad_input_is_one_line_and_exit_status_2(case, tmp_path):
     assert lines[-1].startswith(f"{prog}: "), lines
     for text in expected:
         assert text in lines[-1], f"{text!r} not in {lines[-1]!r}"
+
+
+def test_loading_a_folder_that_is_no_checkpoint_names_it(tmp_path):
+    """``load_generator`` (the Python API of a notebook or script) on a folder without config.json."""
+    from vid2vid.checkpoints import load_generator
+    from vid2vid.errors import CheckpointError
+
+    with pytest.raises(CheckpointError) as info:
+        load_generator(tmp_path)
+    assert str(info.value) == f"{tmp_path}: no config.json; is it a vid2vid training checkpoint?"
